@@ -1,0 +1,25 @@
+"""The one exception tree of Packrat.
+
+Every error a user can cause derives from PackratError; the CLI prints its message on one line
+and exits non-zero, so messages say what was wrong and what to do about it.
+"""
+
+
+class PackratError(Exception):
+    """Base of every error Packrat raises on purpose."""
+
+
+class ProfileError(PackratError):
+    """A profile file is missing, empty or holds invalid measurements."""
+
+
+class PlanError(PackratError):
+    """The optimizer was asked for something it cannot plan (bad N or B, unservable B)."""
+
+
+class ArchiveError(PackratError):
+    """A model archive is missing, corrupt, or cannot be built."""
+
+
+class ProfilerError(PackratError):
+    """Measuring a model failed."""
