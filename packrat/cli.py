@@ -1,0 +1,217 @@
+"""The `packrat` command line. The only module that prints or configures logging."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import packrat
+from packrat.errors import PackratError
+
+log = logging.getLogger("packrat")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, not the whole usage text."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_list(text: str) -> list[int]:
+    """`1,2,4` or `1-4` or a mix; every value an integer."""
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1)
+                out.extend(range(int(lo), int(hi) + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a list of integers like 1,2,4") from None
+    return out
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr (plain lines when stderr is not a terminal)."""
+
+    def __init__(self, label: str, stream=sys.stderr, width: int = 30) -> None:
+        self.label, self.stream, self.width = label, stream, width
+        self.tty = stream.isatty()
+        self._open = False
+
+    def update(self, done: int, total: int, text: str) -> None:
+        if self.tty:
+            filled = int(self.width * done / max(total, 1))
+            bar = "#" * filled + "." * (self.width - filled)
+            self.stream.write(f"\r{self.label} [{bar}] {done}/{total} {text}\x1b[K")
+            self._open = True
+        else:
+            self.stream.write(f"{self.label} {done}/{total} {text}\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self._open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._open = False
+
+
+# -- archive ---------------------------------------------------------------------------------
+
+def cmd_archive(args) -> int:
+    from packrat.archive import build_zoo_archive
+
+    result = build_zoo_archive(args.zoo, Path(args.out), progress=lambda msg: log.info("%s", msg))
+    print(f"archive: {result.mar_path}")
+    print(f"example request: {result.example_path}")
+    return 0
+
+
+# -- profile ---------------------------------------------------------------------------------
+
+def cmd_profile(args) -> int:
+    from packrat.cpus import usable_cores
+    from packrat.profile import write_profile
+    from packrat.profiler import ProfileSettings, default_threads, profile_archive
+
+    cores = usable_cores()
+    settings = ProfileSettings(
+        threads=tuple(args.threads) if args.threads else default_threads(len(cores)),
+        max_batch=args.max_batch,
+        min_reps=args.reps,
+        max_reps=max(args.reps, 50),
+        min_time_s=args.min_time,
+        prune=not args.no_prune,
+    )
+    bar = ProgressBar("profiling")
+
+    def progress(ev) -> None:
+        if ev.kind == "point":
+            text = f"t={ev.threads} b={ev.batch}: {ev.latency_ms:.1f} ms ({ev.elapsed_s:.0f} s)"
+        elif ev.kind == "start":
+            text = f"t={ev.threads}: loading the model ({ev.elapsed_s:.0f} s)"
+        elif ev.kind == "skip":
+            text = f"t={ev.threads}: b>={ev.batch} skipped, slower than any optimal plan"
+        else:
+            text = "cached"
+        bar.update(ev.done, ev.total, text)
+
+    try:
+        run = profile_archive(Path(args.archive), settings, force=args.force, progress=progress)
+    finally:
+        bar.close()
+    meta = run.profile.meta
+    if run.cached:
+        print(f"cached profile ({meta.measured_points} points measured on {meta.created}); "
+              f"--force measures again")
+    else:
+        print(f"measured {meta.measured_points} points in {meta.duration_s:.1f} s "
+              f"({meta.skipped_points} of {meta.measured_points + meta.skipped_points} skipped "
+              f"as unable to matter), cores {','.join(map(str, meta.cores))}")
+    print(f"profile: {run.path}")
+    if args.out:
+        write_profile(run.profile, Path(args.out))
+        print(f"written: {args.out}")
+    if args.plot:
+        from packrat.plot import plot_profile
+
+        plot_profile(run.profile, len(cores), Path(args.plot), title=Path(args.archive).stem)
+        print(f"plot: {args.plot}")
+    return 0
+
+
+# -- plan ------------------------------------------------------------------------------------
+
+def cmd_plan(args) -> int:
+    from packrat.optimizer import Optimizer
+    from packrat.profile import read_profile
+
+    profile = read_profile(Path(args.profile), args.format, args.benchmark, args.allocator)
+    opt = Optimizer(profile, args.cores)
+    results = [opt.plan(b) for b in args.batch]
+    if args.json:
+        data = [r.to_json() for r in results]
+        print(json.dumps(data[0] if len(data) == 1 else data, indent=2))
+        return 0
+    print(f"profile {args.profile}, N = {args.cores} cores; baseline = one "
+          f"{opt.threads[-1]}-thread instance serving the whole batch")
+    header = f"{'B':>6}  {'optimal plan':<28}{'ms':>10}  {'served plan':<28}{'ms':>10}  {'baseline ms':>11}  {'speedup':>7}"
+    print(header)
+    for r in results:
+        served = r.served.describe() if r.served else "-"
+        served_ms = f"{r.served.latency_ms:10.2f}" if r.served else f"{'-':>10}"
+        base = f"{r.baseline_latency_ms:11.2f}" if r.baseline_latency_ms else f"{'-':>11}"
+        speed = f"{r.speedup:6.2f}x" if r.speedup else f"{'-':>7}"
+        print(f"{r.batch:>6}  {r.optimal.describe():<28}{r.optimal.latency_ms:10.2f}  "
+              f"{served:<28}{served_ms}  {base}  {speed}")
+    return 0
+
+
+# -- main ------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="packrat", description=packrat.__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    a = sub.add_parser("archive", help="build a .mar archive of a built-in model")
+    a.add_argument("--zoo", required=True, help="small-cnn, resnet50, bert-base or gpt2")
+    a.add_argument("--out", required=True, help="directory for NAME.mar and NAME.example.json")
+    a.set_defaults(func=cmd_archive)
+
+    pr = sub.add_parser("profile", help="measure latency per threads x batch (cached)")
+    pr.add_argument("archive", help="a .mar file (or an unpacked archive directory)")
+    pr.add_argument("--threads", type=_int_list,
+                    help="thread counts, e.g. 1,2,4 or 1-8 (default: 1..N, or powers of two and N "
+                         "above 16 cores)")
+    pr.add_argument("--max-batch", type=int, default=32, help="largest batch (default 32)")
+    pr.add_argument("--out", help="also write the profile CSV (and FILE.meta.json) here")
+    pr.add_argument("--force", action="store_true", help="measure again, ignoring the cache")
+    pr.add_argument("--plot", help="write a PNG of the profile and predicted speedups")
+    pr.add_argument("--reps", type=int, default=5, help="timed passes per point, at least (default 5)")
+    pr.add_argument("--min-time", type=float, default=0.5,
+                    help="seconds of timed passes per point, at least (default 0.5)")
+    pr.add_argument("--no-prune", action="store_true",
+                    help="measure every point, even those that cannot be in an optimal plan")
+    pr.set_defaults(func=cmd_profile)
+
+    pl = sub.add_parser("plan", help="the best instances <threads, batch> for N cores and B")
+    pl.add_argument("--profile", required=True, help="profile CSV (packrat or published format)")
+    pl.add_argument("--cores", type=int, required=True, help="cores N to plan for")
+    pl.add_argument("--batch", type=_int_list, required=True, help="batch size(s) B, e.g. 8,16")
+    pl.add_argument("--json", action="store_true", help="print JSON")
+    pl.add_argument("--format", default="auto", choices=["auto", "packrat", "pytorch", "torchserve"],
+                    help="profile format (default: detected from the header)")
+    pl.add_argument("--benchmark", default="script",
+                    help="published pytorch_*_latency.csv: rows whose benchmark contains this "
+                         "(script = TorchScript, none = eager; default script)")
+    pl.add_argument("--allocator", default="default",
+                    help="published profiles: allocator rows to use (default or tcmalloc)")
+    pl.set_defaults(func=cmd_plan)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(message)s", stream=sys.stderr,
+    )
+    try:
+        return args.func(args)
+    except PackratError as e:
+        print(f"packrat {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"packrat {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""One profiling subprocess: a model instance with t threads pinned to t cores.
+
+Run by packrat.profiler as `python -m packrat.profile_worker JOB_JSON`. It pins itself before
+torch starts any thread, loads the model through the archive's own handler (the code that
+serves it), then times `handler.inference` on synthetic batches in increasing size. Each result
+is one JSON line on stdout; errors go to stderr with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from packrat.cpus import pin_process
+
+
+def load_handler(model_dir: Path, batch_size: int = 1):
+    """Instantiate and initialize the archive's handler with a TorchServe context."""
+    from ts.context import Context
+
+    manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
+    handler_file = model_dir / manifest["model"]["handler"].split(":")[0]
+    if handler_file.suffix != ".py":
+        handler_file = handler_file.with_suffix(".py")
+    sys.path.insert(0, str(model_dir))  # the handler and model.py import from their directory
+    spec = importlib.util.spec_from_file_location("packrat_profiled_handler", handler_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    classes = [
+        c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__
+    ]
+    if len(classes) != 1:
+        raise RuntimeError(f"{handler_file} must define exactly one handler class")
+    handler = classes[0]()
+    name = manifest["model"].get("modelName", "model")
+    context = Context(name, str(model_dir), manifest, batch_size, None, "0.12.0")
+    handler.initialize(context)
+    return handler
+
+
+def measure(fn, warmup: int, min_reps: int, max_reps: int, min_time_s: float) -> list[float]:
+    """Latencies in ms of repeated calls: at least min_reps and min_time_s, at most max_reps."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (
+        len(times) < min_reps or time.perf_counter() - start < min_time_s
+    ):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return times
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    idx = q * (len(sorted_values) - 1)
+    lo, hi = int(idx), min(int(idx) + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (idx - lo)
+
+
+def emit(**event) -> None:
+    print(json.dumps(event), flush=True)
+
+
+def main(job: dict) -> None:
+    threads = int(job["threads"])
+    pin_process(job["cores"])  # before torch exists, so its thread pools inherit the mask
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.set_num_interop_threads(1)
+
+    from packrat.modelspec import synthetic_batch
+
+    t0 = time.perf_counter()
+    handler = load_handler(Path(job["model_dir"]))
+    pin_process(job["cores"])  # threads the model load may have started
+    emit(event="loaded", load_s=round(time.perf_counter() - t0, 3))
+
+    cap = job.get("cap_ms")
+    for batch in job["batches"]:
+        inputs = synthetic_batch(handler.spec, batch, seed=batch)
+        times = sorted(
+            measure(
+                lambda: handler.inference(inputs),
+                job["warmup"], job["min_reps"], job["max_reps"], job["min_time_s"],
+            )
+        )
+        latency = statistics.median(times)
+        emit(
+            event="point", threads=threads, batch=batch, latency_ms=latency,
+            p10_ms=_quantile(times, 0.1), p90_ms=_quantile(times, 0.9), reps=len(times),
+        )
+        if cap is not None and latency > cap:
+            emit(event="stop", threads=threads, batch=batch, cap_ms=cap)
+            return
+
+
+if __name__ == "__main__":
+    try:
+        main(json.loads(sys.argv[1]))
+    except Exception as e:  # the parent shows the last line to the user, the rest is in the log
+        traceback.print_exc()
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        raise SystemExit(1)

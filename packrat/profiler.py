@@ -1,0 +1,254 @@
+"""The profiler: measure a model archive's latency per (threads, batch), targeted and cached.
+
+One subprocess per thread count t (packrat.profile_worker), pinned to t cores, loads the model
+through the archive's own handler and times forward passes on batches b = 1, 2, 4, ... up to
+max_batch.
+
+Targeted: thread counts are measured from the largest down. After each, the optimizer solves
+the largest batch Bmax on what is known so far; that plan is feasible, so its latency U bounds
+the optimal latency of every B <= Bmax (the optimum never decreases with B). An instance whose
+latency exceeds U can be in no optimal plan, and a larger batch at the same t is slower still,
+so a row stops at the first batch slower than U. The skipped points are the slowest ones to
+measure: large batches on few threads.
+
+Cached: results are stored under a key of the archive's content hash, the CPU model, the usable
+cores, the torch version and the grid, so a second run returns at once; force=True measures again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import packrat
+from packrat.archive import archive_digest, extract_archive
+from packrat.cpus import cpu_model, usable_cores
+from packrat.errors import PlanError, ProfilerError
+from packrat.optimizer import Optimizer
+from packrat.profile import Profile, ProfileMeta, ProfilePoint, read_profile, write_profile
+
+log = logging.getLogger(__name__)
+
+
+def default_threads(n: int) -> tuple[int, ...]:
+    """1..n for up to 16 cores; powers of two and n itself above that."""
+    if n <= 16:
+        return tuple(range(1, n + 1))
+    out, t = [], 1
+    while t < n:
+        out.append(t)
+        t *= 2
+    return tuple(out + [n])
+
+
+def batch_grid(max_batch: int) -> tuple[int, ...]:
+    """Powers of two up to max_batch, and max_batch itself."""
+    out, b = [], 1
+    while b < max_batch:
+        out.append(b)
+        b *= 2
+    return tuple(out + [max_batch])
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    threads: tuple[int, ...]
+    max_batch: int = 32
+    warmup: int = 2
+    min_reps: int = 5
+    max_reps: int = 50
+    min_time_s: float = 0.5
+    prune: bool = True
+
+    @property
+    def batches(self) -> tuple[int, ...]:
+        return batch_grid(self.max_batch)
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """What the profiler reports as it goes; the CLI draws a progress bar from it."""
+
+    kind: str  # "start" (threads), "point", "skip" (rest of a row), "cached"
+    done: int
+    total: int
+    elapsed_s: float
+    threads: int = 0
+    batch: int = 0
+    latency_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class ProfileRun:
+    profile: Profile
+    path: Path  # the cached CSV
+    cached: bool
+    skipped: tuple[tuple[int, int], ...] = field(default=())
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("PACKRAT_CACHE_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "packrat" / "profiles"
+
+
+def validate_settings(settings: ProfileSettings, cores: tuple[int, ...]) -> None:
+    if settings.max_batch < 1:
+        raise ProfilerError(f"--max-batch must be >= 1, got {settings.max_batch}")
+    if not settings.threads:
+        raise ProfilerError("--threads is empty; give thread counts like 1,2,4")
+    bad = [t for t in settings.threads if t < 1 or t > len(cores)]
+    if bad:
+        raise ProfilerError(
+            f"thread counts {bad} are outside 1..{len(cores)}: this process may use "
+            f"{len(cores)} cores ({','.join(map(str, cores))})"
+        )
+    if settings.min_reps < 1 or settings.max_reps < settings.min_reps or settings.warmup < 0:
+        raise ProfilerError("need warmup >= 0 and 1 <= min_reps <= max_reps")
+
+
+def profile_archive(
+    archive: Path,
+    settings: ProfileSettings | None = None,
+    *,
+    force: bool = False,
+    cache: Path | None = None,
+    progress: Callable[[ProgressEvent], None] | None = None,
+) -> ProfileRun:
+    archive = Path(archive)
+    cores = usable_cores()
+    settings = settings or ProfileSettings(threads=default_threads(len(cores)))
+    settings = replace(settings, threads=tuple(sorted(set(settings.threads), reverse=True)))
+    validate_settings(settings, cores)
+    digest = archive_digest(archive)  # also checks that the archive exists
+    torch_version = _torch_version()
+    key_source = json.dumps(
+        {
+            "archive": digest, "cpu": cpu_model(), "cores": cores, "torch": torch_version,
+            "settings": [settings.threads, settings.max_batch, settings.warmup,
+                         settings.min_reps, settings.max_reps, settings.min_time_s,
+                         settings.prune],
+        },
+        sort_keys=True,
+    )
+    key = hashlib.sha256(key_source.encode()).hexdigest()[:20]
+    path = (cache or cache_dir()) / f"{archive.stem}-{key}.csv"
+    if path.is_file() and not force:
+        profile = read_profile(path)
+        if progress:
+            n = len(profile.points)
+            progress(ProgressEvent("cached", n, n, 0.0))
+        return ProfileRun(profile, path, cached=True)
+
+    start = time.monotonic()
+    total = len(settings.threads) * len(settings.batches)
+    points: list[ProfilePoint] = []
+    skipped: list[tuple[int, int]] = []
+    with tempfile.TemporaryDirectory(prefix="packrat-profile-") as tmp:
+        model_dir = extract_archive(archive, Path(tmp) / "model")
+        for t in settings.threads:
+            cap = _latency_bound(points, len(cores), settings.max_batch) if settings.prune else None
+            if progress:
+                progress(ProgressEvent("start", len(points) + len(skipped), total,
+                                       time.monotonic() - start, threads=t))
+            row = _run_worker(model_dir, t, cores[:t], settings, cap, progress,
+                              lambda: len(points) + len(skipped), total, start)
+            points.extend(row)
+            rest = [(t, b) for b in settings.batches if b > row[-1].batch]
+            skipped.extend(rest)
+            if rest and progress:
+                progress(ProgressEvent("skip", len(points) + len(skipped), total,
+                                       time.monotonic() - start, threads=t, batch=rest[0][1]))
+    duration = time.monotonic() - start
+    meta = ProfileMeta(
+        model=archive.stem, archive_sha256=digest, cpu_model=cpu_model(), cores=cores,
+        torch_version=torch_version, threads_grid=tuple(sorted(settings.threads)),
+        max_batch=settings.max_batch, measured_points=len(points),
+        skipped_points=len(skipped), duration_s=round(duration, 2),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), source=str(archive),
+    )
+    profile = Profile(tuple(points), meta)
+    write_profile(profile, path)
+    log.info("profiled %s: %d points measured, %d skipped, %.1f s", archive, len(points),
+             len(skipped), duration)
+    return ProfileRun(profile, path, cached=False, skipped=tuple(skipped))
+
+
+def _latency_bound(points: list[ProfilePoint], cores: int, max_batch: int) -> float | None:
+    """Latency of the best plan for max_batch from the points so far (None: no plan yet)."""
+    if not points:
+        return None
+    try:
+        return Optimizer(Profile(tuple(points)), cores).plan(max_batch).optimal.latency_ms
+    except PlanError:
+        return None
+
+
+def _run_worker(model_dir, threads, cores, settings, cap, progress, done_so_far, total, start):
+    job = {
+        "model_dir": str(model_dir), "threads": threads, "cores": list(cores),
+        "batches": list(settings.batches), "warmup": settings.warmup,
+        "min_reps": settings.min_reps, "max_reps": settings.max_reps,
+        "min_time_s": settings.min_time_s, "cap_ms": cap,
+    }
+    env = dict(os.environ)
+    # the OpenMP runtime sizes its pool from these when torch loads
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    root = str(Path(packrat.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    row: list[ProfilePoint] = []
+    with tempfile.TemporaryFile(mode="w+") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "packrat.profile_worker", json.dumps(job)],
+            stdout=subprocess.PIPE, stderr=err, text=True, env=env,
+        )
+        try:
+            for line in proc.stdout:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue  # a library printed to stdout
+                if event.get("event") != "point":
+                    continue
+                point = ProfilePoint(
+                    threads, event["batch"], event["latency_ms"], event["p10_ms"],
+                    event["p90_ms"], event["reps"],
+                )
+                row.append(point)
+                if progress:
+                    progress(ProgressEvent("point", done_so_far() + len(row), total,
+                                           time.monotonic() - start, threads=threads,
+                                           batch=point.batch, latency_ms=point.latency_ms))
+        except BaseException:  # Ctrl-C or a bad line: leave no worker behind
+            proc.kill()
+            proc.wait()
+            raise
+        code = proc.wait()
+        if code != 0 or not row:
+            err.seek(0)
+            lines = [ln for ln in err.read().splitlines() if ln.strip()]
+            last = lines[-1] if lines else f"exit code {code}"
+            raise ProfilerError(
+                f"profiling with {threads} threads failed: {last}. Check that the archive "
+                f"loads with its handler (`packrat archive` builds known-good ones)"
+            )
+    return row
+
+
+def _torch_version() -> str:
+    try:
+        return importlib.metadata.version("torch")  # without importing torch (seconds)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
