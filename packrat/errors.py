@@ -23,3 +23,11 @@ class ArchiveError(PackratError):
 
 class ProfilerError(PackratError):
     """Measuring a model failed."""
+
+
+class RequestError(PackratError):
+    """One inference request's body is unusable (bad JSON, missing input, wrong shape or dtype).
+
+    The handler answers that request alone with HTTP 400 and this message; the rest of its
+    batch is still served.
+    """
