@@ -1,0 +1,213 @@
+"""Build TorchServe model archives (.mar) from the zoo, unpack them and fingerprint them.
+
+An archive holds `model.py`, `weights.pt` (a state_dict), `packrat.json` (the ModelSpec)
+and Packrat's handler, `handlers/packrat_handler.py`. The worker imports `packrat` to load
+the model, so TorchServe must run in an environment where packrat is installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import torch
+
+from packrat.errors import ArchiveError
+from packrat.modelspec import (
+    DEFAULT_WEIGHTS_FILE,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    SPEC_FILE,
+    encode_example,
+)
+from packrat.zoo import build_model, get_zoo_model, require_dependencies
+
+logger = logging.getLogger(__name__)
+
+ARCHIVE_VERSION = "1.0"
+HANDLER_PATH = Path(__file__).resolve().parents[1] / "handlers" / "packrat_handler.py"
+# Writing a 500 MB zip of gpt2's weights takes a while; a hung archiver should still end.
+ARCHIVER_TIMEOUT_S = 900
+
+
+@dataclass(frozen=True)
+class ArchiveResult:
+    mar_path: Path
+    example_path: Path
+    model_name: str
+
+
+def handler_path() -> Path:
+    """The handler file shipped in every archive; ArchiveError if this checkout lacks it."""
+    if not HANDLER_PATH.is_file():
+        raise ArchiveError(
+            f"handler {HANDLER_PATH} not found; Packrat must run from a source checkout "
+            "(pip install -e .) so that handlers/packrat_handler.py is next to packrat/"
+        )
+    return HANDLER_PATH
+
+
+def _archiver_command() -> str:
+    # Prefer the archiver of this interpreter's environment over whatever is first on PATH.
+    local = Path(sys.executable).parent / "torch-model-archiver"
+    if local.is_file():
+        return str(local)
+    found = shutil.which("torch-model-archiver")
+    if found is None:
+        raise ArchiveError(
+            "torch-model-archiver not found; pip install torch-model-archiver==0.12.0"
+        )
+    return found
+
+
+def build_zoo_archive(
+    name: str, out_dir: Path, *, progress: Callable[[str], None] | None = None
+) -> ArchiveResult:
+    """Write out_dir/NAME.mar and out_dir/NAME.example.json for the zoo model `name`."""
+    entry = get_zoo_model(name)
+    require_dependencies(entry)
+    handler = handler_path()
+    archiver = _archiver_command()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def step(message: str) -> None:
+        logger.info("%s: %s", name, message)
+        if progress is not None:
+            progress(message)
+
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix=f"packrat-{name}-") as tmp:
+        staging = Path(tmp)
+        (staging / MODEL_FILE).write_text(entry.source, encoding="utf-8")
+        (staging / SPEC_FILE).write_text(
+            json.dumps(entry.spec.to_json(), indent=2) + "\n", encoding="utf-8"
+        )
+        step("building the model with random weights")
+        model = build_model(entry)
+        step("saving the state_dict")
+        torch.save(model.state_dict(), staging / DEFAULT_WEIGHTS_FILE)
+        del model
+        step("packing the archive with torch-model-archiver")
+        cmd = [
+            archiver,
+            "--model-name", name,
+            "--version", ARCHIVE_VERSION,
+            "--model-file", str(staging / MODEL_FILE),
+            "--serialized-file", str(staging / DEFAULT_WEIGHTS_FILE),
+            "--handler", str(handler),
+            "--extra-files", str(staging / SPEC_FILE),
+            "--export-path", str(out_dir),
+            "--force",
+        ]  # fmt: skip
+        try:
+            proc = subprocess.run(
+                cmd, cwd=staging, capture_output=True, text=True, timeout=ARCHIVER_TIMEOUT_S
+            )
+        except subprocess.TimeoutExpired:
+            raise ArchiveError(
+                f"torch-model-archiver did not finish within {ARCHIVER_TIMEOUT_S} s for {name}"
+            ) from None
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip()[-2000:]
+            raise ArchiveError(
+                f"torch-model-archiver failed for {name} (exit {proc.returncode}): {tail}"
+            )
+
+    mar_path = out_dir / f"{name}.mar"
+    if not mar_path.is_file():
+        raise ArchiveError(f"torch-model-archiver reported success but {mar_path} is missing")
+    example_path = out_dir / f"{name}.example.json"
+    example_path.write_text(json.dumps(encode_example(entry.spec)) + "\n", encoding="utf-8")
+    step(f"wrote {mar_path} in {time.monotonic() - started:.1f} s")
+    return ArchiveResult(mar_path=mar_path, example_path=example_path, model_name=name)
+
+
+def extract_archive(mar_path: Path, dest: Path) -> Path:
+    """Unzip a .mar into dest and return the model directory (dest).
+
+    A directory (an archive made with `--archive-format no-archive`, or one already
+    extracted) is returned as is.
+    """
+    mar_path = Path(mar_path)
+    if mar_path.is_dir():
+        if not (mar_path / MANIFEST_FILE).is_file():
+            raise ArchiveError(
+                f"{mar_path} is a directory without {MANIFEST_FILE}; "
+                "pass a .mar file or an unpacked archive directory"
+            )
+        return mar_path
+    if not mar_path.is_file():
+        raise ArchiveError(f"archive {mar_path} not found")
+    if not zipfile.is_zipfile(mar_path):
+        raise ArchiveError(f"{mar_path} is not a zip file; rebuild it with torch-model-archiver")
+    dest = Path(dest)
+    try:
+        with zipfile.ZipFile(mar_path) as zf:
+            names = zf.namelist()
+            if MANIFEST_FILE not in names:
+                raise ArchiveError(
+                    f"{mar_path} has no {MANIFEST_FILE}; it is not a TorchServe model archive"
+                )
+            for member in names:
+                # Refuse members that would land outside dest.
+                p = PurePosixPath(member)
+                if p.is_absolute() or ".." in p.parts:
+                    raise ArchiveError(f"{mar_path} holds an unsafe path {member!r}")
+            try:
+                dest.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ArchiveError(f"cannot create {dest} to unpack {mar_path}: {e}") from None
+            zf.extractall(dest)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, OSError, EOFError) as e:
+        raise ArchiveError(f"{mar_path} is corrupt or unreadable ({e}); rebuild it") from None
+    try:
+        json.loads((dest / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ArchiveError(f"{mar_path}: {MANIFEST_FILE} is not valid JSON ({e})") from None
+    return dest
+
+
+def archive_digest(path: Path) -> str:
+    """sha256 of an archive: the file's bytes, or for a directory every file's path and bytes.
+
+    Files under __pycache__ and *.pyc are left out: TorchServe's worker writes them into an
+    unpacked archive when it imports the handler.
+    """
+    path = Path(path)
+    h = hashlib.sha256()
+    if path.is_file():
+        _hash_file(h, path)
+        return h.hexdigest()
+    if not path.is_dir():
+        raise ArchiveError(f"archive {path} not found")
+    files = sorted(
+        (p.relative_to(path).as_posix(), p)
+        for p in path.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
+    )
+    for rel, p in files:
+        rel_bytes = rel.encode("utf-8")
+        # Lengths make the stream unambiguous (a path cannot run into the file's bytes).
+        h.update(len(rel_bytes).to_bytes(8, "little") + rel_bytes)
+        h.update(p.stat().st_size.to_bytes(8, "little"))
+        _hash_file(h, p)
+    return h.hexdigest()
+
+
+def _hash_file(h: Any, path: Path) -> None:
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
