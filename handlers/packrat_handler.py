@@ -92,6 +92,8 @@ class PackratHandler(BaseHandler):
         """One response per request, in order; bad requests get HTTP 400 and their error."""
         responses = []
         good = 0
+        # A context without request processors is a bare one (tests, the profiler).
+        context = self.context if getattr(self.context, "request_processor", None) else None
         for idx in range(self._n_requests):
             message = self._errors.get(idx)
             if message is None:
@@ -99,8 +101,11 @@ class PackratHandler(BaseHandler):
                 good += 1
             else:
                 responses.append({"error": message})
-                if self.context is not None:
-                    self.context.set_response_status(400, _phrase(message), idx=idx)
+                if context is not None:
+                    context.set_response_status(400, _phrase(message), idx=idx)
+            if context is not None:
+                # TorchServe sends no Content-Type of its own for dict responses.
+                context.set_response_content_type(idx, "application/json")
         return responses
 
     def handle(self, data, context):

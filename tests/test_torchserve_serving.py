@@ -65,6 +65,7 @@ def test_example_prediction(served):
     server, example = served
     r = predict(server, example)
     assert r.status_code == 200, r.text
+    assert r.headers["Content-Type"].startswith("application/json")
     output = r.json()["output"]
     assert len(output) == 10 and all(isinstance(x, float) for x in output)
 
@@ -73,6 +74,7 @@ def test_invalid_body_is_400_and_worker_survives(served):
     server, example = served
     r = predict(server, {"pixel_values": [[1, 2]]})
     assert r.status_code == 400, r.text
+    assert r.headers["Content-Type"].startswith("application/json")
     assert "shape [1, 2]" in r.json()["error"]
     r = predict(server, b"{not json")
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]

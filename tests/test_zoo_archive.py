@@ -161,6 +161,7 @@ def test_handler_mixed_batch(small_cnn, model_dir):
     assert "not valid JSON" in responses[1]["error"]
     assert "shape [1, 2]" in responses[3]["error"]
     assert "no body" in responses[4]["error"]
+    assert all(context.get_response_content_type(i) == "application/json" for i in range(len(requests)))
     phrase = context.get_response_status(3)[1]
     assert "shape [1, 2]" in phrase and "\n" not in phrase
     # Batching does not change a request's answer.
