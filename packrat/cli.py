@@ -11,9 +11,6 @@ from pathlib import Path
 import packrat
 from packrat.errors import PackratError
 
-log = logging.getLogger("packrat")
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line, not the whole usage text."""
 
@@ -67,7 +64,9 @@ class ProgressBar:
 def cmd_archive(args) -> int:
     from packrat.archive import build_zoo_archive
 
-    result = build_zoo_archive(args.zoo, Path(args.out), progress=lambda msg: log.info("%s", msg))
+    result = build_zoo_archive(
+        args.zoo, Path(args.out), progress=lambda msg: print(f"{args.zoo}: {msg}", file=sys.stderr)
+    )
     print(f"archive: {result.mar_path}")
     print(f"example request: {result.example_path}")
     return 0
@@ -133,6 +132,10 @@ def cmd_plan(args) -> int:
     from packrat.profile import read_profile
 
     profile = read_profile(Path(args.profile), args.format, args.benchmark, args.allocator)
+    if args.cores is None:
+        from packrat.cpus import usable_cores
+
+        args.cores = len(usable_cores())
     opt = Optimizer(profile, args.cores)
     results = [opt.plan(b) for b in args.batch]
     if args.json:
@@ -183,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="the best instances <threads, batch> for N cores and B")
     pl.add_argument("--profile", required=True, help="profile CSV (packrat or published format)")
-    pl.add_argument("--cores", type=int, required=True, help="cores N to plan for")
+    pl.add_argument("--cores", type=int,
+                    help="cores N to plan for (default: the cores this process may use here)")
     pl.add_argument("--batch", type=_int_list, required=True, help="batch size(s) B, e.g. 8,16")
     pl.add_argument("--json", action="store_true", help="print JSON")
     pl.add_argument("--format", default="auto", choices=["auto", "packrat", "pytorch", "torchserve"],
@@ -200,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        # the library logs what the commands already print; -v shows it
+        level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(message)s", stream=sys.stderr,
     )
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
+import os
 import statistics
 import sys
 import time
@@ -83,6 +84,7 @@ def main(job: dict) -> None:
     handler = load_handler(Path(job["model_dir"]))
     pin_process(job["cores"])  # threads the model load may have started
     emit(event="loaded", load_s=round(time.perf_counter() - t0, 3))
+    pool = torch.get_num_threads()
 
     cap = job.get("cap_ms")
     for batch in job["batches"]:
@@ -100,7 +102,19 @@ def main(job: dict) -> None:
         )
         if cap is not None and latency > cap:
             emit(event="stop", threads=threads, batch=batch, cap_ms=cap)
-            return
+            break
+    # Reported so the parent can check that the measurement ran as asked.
+    emit(event="done", torch_threads=pool, affinity=sorted(_all_threads_affinity()))
+
+
+def _all_threads_affinity() -> set[int]:
+    cpus: set[int] = set()
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            cpus |= os.sched_getaffinity(int(task.name))
+        except ProcessLookupError:
+            pass
+    return cpus
 
 
 if __name__ == "__main__":

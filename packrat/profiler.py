@@ -220,6 +220,8 @@ def _run_worker(model_dir, threads, cores, settings, cap, progress, done_so_far,
                     event = json.loads(line)
                 except ValueError:
                     continue  # a library printed to stdout
+                if event.get("event") == "done":
+                    _check_placement(event, threads, cores)
                 if event.get("event") != "point":
                     continue
                 point = ProfilePoint(
@@ -245,6 +247,17 @@ def _run_worker(model_dir, threads, cores, settings, cap, progress, done_so_far,
                 f"loads with its handler (`packrat archive` builds known-good ones)"
             )
     return row
+
+
+def _check_placement(event: dict, threads: int, cores: tuple[int, ...]) -> None:
+    """The worker must have run with t torch threads, all pinned inside its t cores."""
+    outside = set(event["affinity"]) - set(cores)
+    if event["torch_threads"] != threads or outside:
+        raise ProfilerError(
+            f"the {threads}-thread measurement ran with {event['torch_threads']} torch threads "
+            f"on cpus {event['affinity']} instead of {list(cores)}; something in the model or "
+            f"its environment overrides thread settings (OMP_NUM_THREADS, taskset?)"
+        )
 
 
 def _torch_version() -> str:

@@ -55,8 +55,11 @@ def test_dp_matches_brute_force(table, cores, batch):
     result = opt.plan(batch)
     assert result.optimal.latency_ms == pytest.approx(expected)
     check_plan(table, result, cores, batch)
-    assert result.served is not None
-    assert result.served.latency_ms == pytest.approx(best_served(table, cores, batch))
+    served = best_served(table, cores, batch)
+    if math.isinf(served):  # no single thread count can serve B
+        assert result.served is None
+        return
+    assert result.served.latency_ms == pytest.approx(served)
     assert result.served.batch == batch and result.served.servable
     assert result.served.cores <= cores
 

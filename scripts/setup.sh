@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create .venv and install Packrat with every extra. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+# torch==2.13.0 (pinned in pyproject.toml) is the CPU build; an unpinned torch pulls CUDA.
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e '.[models,plot,dev]'
+if ! command -v java >/dev/null 2>&1; then
+  echo "setup: TorchServe needs Java 17 (apt-get install openjdk-17-jre-headless)" >&2
+fi
+echo "setup: ready; activate with: . .venv/bin/activate" >&2
