@@ -80,7 +80,7 @@ def build_zoo_archive(
     require_dependencies(entry)
     handler = handler_path()
     archiver = _archiver_command()
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # the archiver runs in a staging directory
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def step(message: str) -> None:
@@ -121,9 +121,9 @@ def build_zoo_archive(
                 f"torch-model-archiver did not finish within {ARCHIVER_TIMEOUT_S} s for {name}"
             ) from None
         if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip()[-2000:]
+            lines = (proc.stderr or proc.stdout).strip().splitlines() or ["no output"]
             raise ArchiveError(
-                f"torch-model-archiver failed for {name} (exit {proc.returncode}): {tail}"
+                f"torch-model-archiver failed for {name} (exit {proc.returncode}): {lines[-1]}"
             )
 
     mar_path = out_dir / f"{name}.mar"
