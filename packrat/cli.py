@@ -93,8 +93,10 @@ def cmd_profile(args) -> int:
     def progress(ev) -> None:
         if ev.kind == "point":
             text = f"t={ev.threads} b={ev.batch}: {ev.latency_ms:.1f} ms ({ev.elapsed_s:.0f} s)"
+        elif ev.kind == "load":
+            text = "loading the model"
         elif ev.kind == "start":
-            text = f"t={ev.threads}: loading the model ({ev.elapsed_s:.0f} s)"
+            text = f"t={ev.threads}: warming up ({ev.elapsed_s:.0f} s)"
         elif ev.kind == "skip":
             text = f"t={ev.threads}: b>={ev.batch} skipped, slower than any optimal plan"
         else:

@@ -1,9 +1,11 @@
-"""One profiling subprocess: a model instance with t threads pinned to t cores.
+"""The profiling processes: one model load, then one forked subprocess per thread count.
 
-Run by packrat.profiler as `python -m packrat.profile_worker JOB_JSON`. It pins itself before
-torch starts any thread, loads the model through the archive's own handler (the code that
-serves it), then times `handler.inference` on synthetic batches in increasing size. Each result
-is one JSON line on stdout; errors go to stderr with a non-zero exit.
+Run by packrat.profiler as `python -m packrat.profile_worker JOB_JSON`. It loads the model once
+through the archive's own handler (the code that serves it), without running it, then forks a
+child per thread count t: the child pins itself to its t cores, sets t torch threads, and times
+`handler.inference` on synthetic batches of increasing size. Loading once matters: importing
+torch and transformers and loading the weights takes seconds to tens of seconds, once per t
+otherwise. Each result is one JSON line on stdout; errors go to stderr with a non-zero exit.
 """
 
 from __future__ import annotations
@@ -71,22 +73,61 @@ def emit(**event) -> None:
 
 
 def main(job: dict) -> None:
-    threads = int(job["threads"])
-    pin_process(job["cores"])  # before torch exists, so its thread pools inherit the mask
+    """Load the model once, then fork one child per thread count, largest first."""
     import torch
 
-    torch.set_num_threads(threads)
+    # One thread and no parallel region here: each forked child starts its own OpenMP pool
+    # with its own size and affinity (a pool that ran before fork would not survive it).
+    torch.set_num_threads(1)
     torch.set_num_interop_threads(1)
-
-    from packrat.modelspec import synthetic_batch
+    from packrat.profiler import latency_bound
 
     t0 = time.perf_counter()
     handler = load_handler(Path(job["model_dir"]))
-    pin_process(job["cores"])  # threads the model load may have started
     emit(event="loaded", load_s=round(time.perf_counter() - t0, 3))
-    pool = torch.get_num_threads()
 
-    cap = job.get("cap_ms")
+    points: list[tuple[int, int, float]] = []
+    for threads in job["threads"]:
+        cap = latency_bound(points, job["plan_cores"], job["batches"][-1]) if job["prune"] else None
+        emit(event="start", threads=threads, cap_ms=cap)
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: measure one row, report on the pipe, never return
+            os.close(read_fd)
+            code = 1
+            try:
+                with os.fdopen(write_fd, "w") as out:
+                    measure_row(handler, threads, job["cores"][:threads], cap, job, out)
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        os.close(write_fd)
+        with os.fdopen(read_fd) as rows:
+            for line in rows:
+                event = json.loads(line)
+                if event["event"] == "point":
+                    points.append((threads, event["batch"], event["latency_ms"]))
+                print(line, end="", flush=True)
+        _, status = os.waitpid(pid, 0)
+        if status != 0:
+            raise RuntimeError(f"the {threads}-thread measurement failed (status {status})")
+
+
+def measure_row(handler, threads: int, cores: list[int], cap, job: dict, out) -> None:
+    """In a forked child: pin, size the pools, time each batch; stop above the cap."""
+    import torch
+
+    from packrat.modelspec import synthetic_batch
+
+    pin_process(cores)  # this child has one thread; the pools it starts inherit the mask
+    torch.set_num_threads(threads)
+
+    def emit_row(**event) -> None:
+        out.write(json.dumps(event) + "\n")
+        out.flush()
+
     for batch in job["batches"]:
         inputs = synthetic_batch(handler.spec, batch, seed=batch)
         times = sorted(
@@ -96,15 +137,15 @@ def main(job: dict) -> None:
             )
         )
         latency = statistics.median(times)
-        emit(
+        emit_row(
             event="point", threads=threads, batch=batch, latency_ms=latency,
             p10_ms=_quantile(times, 0.1), p90_ms=_quantile(times, 0.9), reps=len(times),
         )
         if cap is not None and latency > cap:
-            emit(event="stop", threads=threads, batch=batch, cap_ms=cap)
             break
     # Reported so the parent can check that the measurement ran as asked.
-    emit(event="done", torch_threads=pool, affinity=sorted(_all_threads_affinity()))
+    emit_row(event="done", threads=threads, torch_threads=torch.get_num_threads(),
+             affinity=sorted(_all_threads_affinity()))
 
 
 def _all_threads_affinity() -> set[int]:

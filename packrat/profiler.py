@@ -1,10 +1,10 @@
 """The profiler: measure a model archive's latency per (threads, batch), targeted and cached.
 
-One subprocess per thread count t (packrat.profile_worker), pinned to t cores, loads the model
-through the archive's own handler and times forward passes on batches b = 1, 2, 4, ... up to
-max_batch.
+One subprocess per thread count t, pinned to t cores, times forward passes of the model loaded
+through the archive's own handler on batches b = 1, 2, 4, ... up to max_batch. The subprocesses
+are forked from one process that loaded the model once (packrat.profile_worker).
 
-Targeted: thread counts are measured from the largest down. After each, the optimizer solves
+Targeted: thread counts are measured from the largest down. Before each, the optimizer solves
 the largest batch Bmax on what is known so far; that plan is feasible, so its latency U bounds
 the optimal latency of every B <= Bmax (the optimum never decreases with B). An instance whose
 latency exceeds U can be in no optimal plan, and a larger batch at the same t is slower still,
@@ -80,7 +80,7 @@ class ProfileSettings:
 class ProgressEvent:
     """What the profiler reports as it goes; the CLI draws a progress bar from it."""
 
-    kind: str  # "start" (threads), "point", "skip" (rest of a row), "cached"
+    kind: str  # "load", "start" (a thread count), "point", "skip" (rest of a row), "cached"
     done: int
     total: int
     elapsed_s: float
@@ -153,24 +153,12 @@ def profile_archive(
         return ProfileRun(profile, path, cached=True)
 
     start = time.monotonic()
-    total = len(settings.threads) * len(settings.batches)
-    points: list[ProfilePoint] = []
-    skipped: list[tuple[int, int]] = []
     with tempfile.TemporaryDirectory(prefix="packrat-profile-") as tmp:
         model_dir = extract_archive(archive, Path(tmp) / "model")
-        for t in settings.threads:
-            cap = _latency_bound(points, len(cores), settings.max_batch) if settings.prune else None
-            if progress:
-                progress(ProgressEvent("start", len(points) + len(skipped), total,
-                                       time.monotonic() - start, threads=t))
-            row = _run_worker(model_dir, t, cores[:t], settings, cap, progress,
-                              lambda: len(points) + len(skipped), total, start)
-            points.extend(row)
-            rest = [(t, b) for b in settings.batches if b > row[-1].batch]
-            skipped.extend(rest)
-            if rest and progress:
-                progress(ProgressEvent("skip", len(points) + len(skipped), total,
-                                       time.monotonic() - start, threads=t, batch=rest[0][1]))
+        points = _run_worker(model_dir, settings, cores, progress, start)
+    measured = {(p.threads, p.batch) for p in points}
+    skipped = [(t, b) for t in settings.threads for b in settings.batches
+               if (t, b) not in measured]
     duration = time.monotonic() - start
     meta = ProfileMeta(
         model=archive.stem, archive_sha256=digest, cpu_model=cpu_model(), cores=cores,
@@ -186,67 +174,83 @@ def profile_archive(
     return ProfileRun(profile, path, cached=False, skipped=tuple(skipped))
 
 
-def _latency_bound(points: list[ProfilePoint], cores: int, max_batch: int) -> float | None:
-    """Latency of the best plan for max_batch from the points so far (None: no plan yet)."""
+def latency_bound(points, cores: int, max_batch: int) -> float | None:
+    """Latency of the best plan for max_batch from the (threads, batch, latency_ms) measured
+    so far; None while there is no plan yet."""
     if not points:
         return None
     try:
-        return Optimizer(Profile(tuple(points)), cores).plan(max_batch).optimal.latency_ms
+        profile = Profile(tuple(ProfilePoint(t, b, lat) for t, b, lat in points))
+        return Optimizer(profile, cores).plan(max_batch).optimal.latency_ms
     except PlanError:
         return None
 
 
-def _run_worker(model_dir, threads, cores, settings, cap, progress, done_so_far, total, start):
+def _run_worker(model_dir, settings, cores, progress, start) -> list[ProfilePoint]:
     job = {
-        "model_dir": str(model_dir), "threads": threads, "cores": list(cores),
-        "batches": list(settings.batches), "warmup": settings.warmup,
-        "min_reps": settings.min_reps, "max_reps": settings.max_reps,
-        "min_time_s": settings.min_time_s, "cap_ms": cap,
+        "model_dir": str(model_dir), "threads": list(settings.threads), "cores": list(cores),
+        "plan_cores": len(cores), "batches": list(settings.batches), "prune": settings.prune,
+        "warmup": settings.warmup, "min_reps": settings.min_reps,
+        "max_reps": settings.max_reps, "min_time_s": settings.min_time_s,
     }
     env = dict(os.environ)
-    # the OpenMP runtime sizes its pool from these when torch loads
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     root = str(Path(packrat.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    row: list[ProfilePoint] = []
+    total = len(settings.threads) * len(settings.batches)
+    points: list[ProfilePoint] = []
+    done = 0  # points measured or skipped
+
+    def report(kind: str, **fields) -> None:
+        if progress:
+            progress(ProgressEvent(kind, done, total, time.monotonic() - start, **fields))
+
+    report("load")
     with tempfile.TemporaryFile(mode="w+") as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", "packrat.profile_worker", json.dumps(job)],
             stdout=subprocess.PIPE, stderr=err, text=True, env=env,
         )
         try:
+            row: list[ProfilePoint] = []
             for line in proc.stdout:
                 try:
                     event = json.loads(line)
                 except ValueError:
                     continue  # a library printed to stdout
-                if event.get("event") == "done":
-                    _check_placement(event, threads, cores)
-                if event.get("event") != "point":
-                    continue
-                point = ProfilePoint(
-                    threads, event["batch"], event["latency_ms"], event["p10_ms"],
-                    event["p90_ms"], event["reps"],
-                )
-                row.append(point)
-                if progress:
-                    progress(ProgressEvent("point", done_so_far() + len(row), total,
-                                           time.monotonic() - start, threads=threads,
-                                           batch=point.batch, latency_ms=point.latency_ms))
-        except BaseException:  # Ctrl-C or a bad line: leave no worker behind
+                kind = event.get("event")
+                if kind == "start":
+                    row = []
+                    report("start", threads=event["threads"])
+                elif kind == "point":
+                    row.append(ProfilePoint(
+                        event["threads"], event["batch"], event["latency_ms"],
+                        event["p10_ms"], event["p90_ms"], event["reps"],
+                    ))
+                    done += 1
+                    report("point", threads=event["threads"], batch=event["batch"],
+                           latency_ms=event["latency_ms"])
+                elif kind == "done":
+                    t = event["threads"]
+                    _check_placement(event, t, cores[:t])
+                    points.extend(row)
+                    rest = [b for b in settings.batches if b > row[-1].batch]
+                    done += len(rest)
+                    if rest:
+                        report("skip", threads=t, batch=rest[0])
+        except BaseException:  # Ctrl-C or a bad measurement: leave no worker behind
             proc.kill()
             proc.wait()
             raise
         code = proc.wait()
-        if code != 0 or not row:
+        if code != 0 or len({p.threads for p in points}) != len(settings.threads):
             err.seek(0)
             lines = [ln for ln in err.read().splitlines() if ln.strip()]
             last = lines[-1] if lines else f"exit code {code}"
             raise ProfilerError(
-                f"profiling with {threads} threads failed: {last}. Check that the archive "
-                f"loads with its handler (`packrat archive` builds known-good ones)"
+                f"profiling failed: {last}. Check that the archive loads with its handler "
+                f"(`packrat archive` builds known-good ones)"
             )
-    return row
+    return points
 
 
 def _check_placement(event: dict, threads: int, cores: tuple[int, ...]) -> None:

@@ -11,8 +11,8 @@ import pytest
 
 from packrat.archive import build_zoo_archive
 from packrat.cpus import usable_cores
-from packrat.profile import ProfilePoint, read_profile
-from packrat.profiler import _latency_bound, batch_grid, default_threads
+from packrat.profile import read_profile
+from packrat.profiler import latency_bound, batch_grid, default_threads
 
 pytestmark = pytest.mark.integration
 
@@ -102,13 +102,13 @@ def test_profile_missing_and_corrupt_archives(tmp_path):
 
 def test_pruning_bound_is_the_best_known_plan_for_the_largest_batch():
     # t=2 measured first: one instance serves 4 in 10 ms, or two... only one fits in 2 cores.
-    row2 = [ProfilePoint(2, 1, 3.0), ProfilePoint(2, 2, 5.0), ProfilePoint(2, 4, 10.0)]
-    assert _latency_bound([], 2, 4) is None
-    assert _latency_bound(row2, 2, 4) == 10.0
+    row2 = [(2, 1, 3.0), (2, 2, 5.0), (2, 4, 10.0)]
+    assert latency_bound([], 2, 4) is None
+    assert latency_bound(row2, 2, 4) == 10.0
     # Adding t=1 points that allow two instances of b=2 at 6 ms lowers the bound to 6 ms, so a
     # 1-thread batch of 4 (slower than 6 ms) can be in no optimal plan for B <= 4.
-    row1 = [ProfilePoint(1, 1, 3.5), ProfilePoint(1, 2, 6.0)]
-    assert _latency_bound(row2 + row1, 2, 4) == 6.0
+    row1 = [(1, 1, 3.5), (1, 2, 6.0)]
+    assert latency_bound(row2 + row1, 2, 4) == 6.0
 
 
 def test_grids():
