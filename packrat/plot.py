@@ -24,12 +24,19 @@ def plot_profile(profile: Profile, cores: int, path: Path, title: str = "") -> P
     """Left: latency per batch for each thread count. Right: predicted speedup of the optimal
     and the served plan over one all-cores instance, for every B the baseline can serve."""
     plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter
+
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for t, row in sorted(profile.table().items()):
+    table = profile.table()
+    colors = plt.get_cmap("viridis")
+    for k, (t, row) in enumerate(sorted(table.items())):
         batches = sorted(row)
-        left.plot(batches, [row[b] for b in batches], marker="o", ms=3, label=f"t={t}")
-    left.set(xscale="log", yscale="log", xlabel="batch b", ylabel="latency (ms)",
+        left.plot(batches, [row[b] for b in batches], marker="o", ms=3, label=f"t={t}",
+                  color=colors(k / max(len(table) - 1, 1)))
+    left.set(yscale="log", xlabel="batch b", ylabel="latency (ms)",
              title="profile: one instance, t threads")
+    left.set_xscale("log", base=2)
+    left.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
     left.legend(fontsize=7, ncol=2)
 
     opt = Optimizer(profile, cores)
@@ -44,7 +51,9 @@ def plot_profile(profile: Profile, cores: int, path: Path, title: str = "") -> P
     right.plot(bs, best, label="optimal plan")
     right.plot(bs, served, "--", label="served plan (one thread count)")
     right.axhline(1.0, color="grey", lw=0.8)
-    right.set(xscale="log", xlabel="batch B", ylabel=f"speedup over one {opt.threads[-1]}-thread instance",
+    right.set_xscale("log", base=2)
+    right.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    right.set(xlabel="batch B", ylabel=f"speedup over one {opt.threads[-1]}-thread instance",
               title=f"predicted speedup, N = {cores} cores")
     right.legend()
     if title:

@@ -90,3 +90,17 @@ def test_plan_errors_are_one_line(tmp_path, content, args, message):
     assert message in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "Traceback" not in out.stderr and out.stdout == ""
+
+
+def test_plan_on_a_profile_measured_by_packrat_on_16_cores():
+    """tests/data holds `packrat profile` output from a 16-core Xeon server (with metadata)."""
+    data = Path(__file__).parent / "data"
+    from packrat.profile import read_profile
+
+    profile = read_profile(data / "xeon16-resnet50.csv")
+    assert profile.meta.cores == tuple(range(16)) and profile.meta.model == "resnet50"
+    out = packrat("plan", "--profile", data / "xeon16-resnet50.csv", "--cores", 16,
+                  "--batch", "1,16", "--json")
+    one, sixteen = json.loads(out.stdout)
+    assert one["speedup"] == 1.0  # nothing to split
+    assert sixteen["speedup"] > 1.5  # 16 one-thread instances beat one 16-thread instance
