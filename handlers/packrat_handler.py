@@ -17,7 +17,9 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from packrat.errors import PackratError, RequestError
+from packrat.cpus import pin_process
 from packrat.modelspec import decode_request, load_model
+from packrat.rundir import RUN_DIR_ENV, RunDir, claim_slot
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,8 @@ class PackratHandler(BaseHandler):
         # at a time): the number of requests and the error of each bad one, by index.
         self._n_requests = 0
         self._errors = {}
+        self.slot = None
+        self._slot_lock = None
 
     def initialize(self, context):
         self.context = context
@@ -48,11 +52,17 @@ class PackratHandler(BaseHandler):
         logger.info("Packrat handler ready: %s with threads=%d", model_dir, torch.get_num_threads())
 
     def _configure_threads(self, context):
-        """Set this worker's torch threads before the model loads.
+        """Claim a slot of the plan this version serves and pin to its cores, before the
+        model loads (so torch's thread pools start with the right size and affinity).
 
-        Hook for the serving side (slot claiming and core pinning will replace it); for now
-        it only applies PACKRAT_THREADS when that is set, with one inter-op thread.
+        Under `packrat serve`, PACKRAT_RUN_DIR names the run directory, which holds the plan
+        of each version and one lock per slot; the first free slot is ours as long as this
+        process lives. Without it, PACKRAT_THREADS (if set) only sets the thread count.
         """
+        run_dir = os.environ.get(RUN_DIR_ENV)
+        if run_dir:
+            self._claim_slot(RunDir(run_dir), context)
+            return
         value = os.environ.get(THREADS_ENV)
         if not value:
             return
@@ -62,12 +72,31 @@ class PackratHandler(BaseHandler):
             threads = 0
         if threads < 1:
             raise PackratError(f"{THREADS_ENV}={value!r} must be a positive integer")
-        torch.set_num_threads(threads)
-        try:
-            torch.set_num_interop_threads(1)
-        except RuntimeError as e:
-            # Torch allows it only once, before any inter-op work has started.
-            logger.warning("could not set inter-op threads to 1: %s", e)
+        _set_threads(threads)
+
+    def _claim_slot(self, run, context):
+        model = context.model_name
+        version = str(context.manifest["model"].get("modelVersion", ""))
+        plan = run.read_plan(model, version)
+        if plan is None:
+            logger.warning("no Packrat plan for %s version %s in %s: running unpinned",
+                           model, version, run.path)
+            return
+        for _ in range(50):  # a worker being replaced may still hold its slot for a moment
+            claim = claim_slot(run, model, version, len(plan.slots))
+            if claim is not None:
+                break
+            time.sleep(0.1)
+        else:
+            raise PackratError(
+                f"{model} version {version}: all {len(plan.slots)} slots are taken; "
+                "more workers than the plan has instances"
+            )
+        self.slot, self._slot_lock = claim  # the open file holds the lock for our lifetime
+        pin_process(plan.slots[self.slot])
+        _set_threads(plan.threads)
+        logger.info("%s v%s: slot %d, cores %s, %d threads", model, version, self.slot,
+                    plan.slots[self.slot], plan.threads)
 
     def preprocess(self, requests):
         """Decode every request; return the good ones stacked into one batch (may be empty)."""
@@ -133,6 +162,15 @@ class PackratHandler(BaseHandler):
             "request has no body; POST a JSON object mapping input names to values, "
             "with Content-Type: application/json"
         )
+
+
+def _set_threads(threads):
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError as e:
+        # Torch allows it only once, before any inter-op work has started.
+        logger.warning("could not set inter-op threads to 1: %s", e)
 
 
 def _phrase(message):

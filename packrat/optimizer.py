@@ -220,6 +220,13 @@ class Optimizer:
 
     # -- public -------------------------------------------------------------------------------
 
+    def latency(self, threads: int, batch: int) -> float:
+        """Predicted latency of one instance with `threads` threads serving `batch` (inf when
+        the profile cannot serve it)."""
+        if not (1 <= threads <= self.cores and 0 <= batch <= self.max_batch):
+            return math.inf
+        return float(self._lat[threads, batch])
+
     def plan(self, batch: int) -> PlanResult:
         if not isinstance(batch, int) or batch < 1:
             raise PlanError(f"batch size must be an integer >= 1, got {batch!r}")

@@ -1,0 +1,81 @@
+"""A closed-loop load generator for loopback TorchServe: C clients, each sending its next
+request as soon as the last one is answered, so that batches of about C form.
+
+Bounded in time and count; every request has a timeout, and every outcome is counted:
+answered (HTTP 200), failed (any other status, with the reason) or unanswered (timeout or a
+dropped connection).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import requests
+
+
+@dataclass
+class LoadResult:
+    latencies_ms: list[float] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    unanswered: list[str] = field(default_factory=list)
+
+    @property
+    def answered(self) -> int:
+        return len(self.latencies_ms)
+
+
+class ClosedLoop:
+    """Runs `concurrency` client threads until stop() (or max_requests per client)."""
+
+    def __init__(self, url: str, body: bytes, headers: dict[str, str], timeout_s: float = 60,
+                 max_requests: int = 1_000_000) -> None:
+        if not url.startswith(("http://127.", "http://localhost", "http://[::1]")):
+            raise ValueError(f"load goes to loopback only, not {url}")
+        self.url, self.body, self.timeout_s = url, body, timeout_s
+        self.headers = {"Content-Type": "application/json", **headers}
+        self.max_requests = max_requests
+        self.result = LoadResult()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def set_concurrency(self, n: int) -> None:
+        """Grow or shrink the number of clients; a removed client finishes its request first."""
+        with self._lock:
+            alive = [t for t in self._threads if t.is_alive() and not t.stop.is_set()]
+            for t in alive[n:]:
+                t.stop.set()
+            for _ in range(n - len(alive)):
+                t = threading.Thread(target=self._client, daemon=True)
+                t.stop = threading.Event()
+                self._threads.append(t)
+                t.start()
+
+    def _client(self) -> None:
+        me = threading.current_thread()
+        session = requests.Session()
+        for _ in range(self.max_requests):
+            if self._stop.is_set() or me.stop.is_set():
+                break
+            start = time.perf_counter()
+            try:
+                r = session.post(self.url, data=self.body, headers=self.headers, timeout=self.timeout_s)
+            except requests.RequestException as e:
+                with self._lock:
+                    self.result.unanswered.append(f"{type(e).__name__}: {e}")
+                continue
+            elapsed = (time.perf_counter() - start) * 1000.0
+            with self._lock:
+                if r.status_code == 200:
+                    self.result.latencies_ms.append(elapsed)
+                else:
+                    self.result.failures.append(f"HTTP {r.status_code}: {r.text[:200]}")
+        session.close()
+
+    def stop(self) -> LoadResult:
+        self._stop.set()
+        for t in self._threads:
+            t.join(self.timeout_s + 5)
+        return self.result

@@ -1,0 +1,78 @@
+"""What to serve: from an optimizer result or a manual request to a ServedPlan, and whether a
+switch is worth it. Pure functions of data: no HTTP, no clock, no files.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from packrat.errors import PlanError
+from packrat.optimizer import Optimizer
+from packrat.rundir import ServedPlan
+
+
+@dataclass(frozen=True)
+class PolicyParams:
+    # Switching costs seconds of worker start-up and a brief overlap on the same cores, so a
+    # new plan must promise at least this much lower latency at the estimated batch size.
+    min_gain: float = 0.05
+
+
+def slots_for(threads: int, instances: int, cores: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """Give instance K the K-th run of `threads` cores, in Packrat's core order (physical first)."""
+    if threads * instances > len(cores):
+        raise PlanError(
+            f"{instances} instances x {threads} threads need {threads * instances} cores; "
+            f"only {len(cores)} are available ({','.join(map(str, cores))})"
+        )
+    return tuple(tuple(cores[k * threads:(k + 1) * threads]) for k in range(instances))
+
+
+def served_latency(opt: Optimizer, threads: int, instances: int, batch_size: int, batch: int) -> float:
+    """Predicted latency of B requests on a version of `instances` workers with `threads`
+    threads and `batch_size`: the queue hands out ceil(B / batch_size) batches, so a worker
+    may run several rounds. inf if the profile cannot tell."""
+    size = min(batch_size, batch)
+    batches = -(-batch // size)
+    rounds = -(-batches // instances)
+    return rounds * opt.latency(threads, size)
+
+
+def plan_for_batch(opt: Optimizer, model: str, version: str, batch: int,
+                   cores: tuple[int, ...]) -> ServedPlan:
+    """The optimizer's servable plan for B, with cores assigned."""
+    batch = max(1, min(batch, opt.max_servable))
+    served = opt.plan(batch).served
+    if served is None:
+        raise PlanError(f"no plan with one thread count serves B={batch} on {opt.cores} cores")
+    threads = served.instances[0].threads
+    instances = len(served.instances)
+    size = max(i.batch for i in served.instances)
+    return ServedPlan(model, version, threads, instances, size,
+                      slots_for(threads, instances, cores), served.latency_ms, batch)
+
+
+def manual_plan(opt: Optimizer, model: str, version: str, instances: int, threads: int,
+                batch_size: int, cores: tuple[int, ...]) -> ServedPlan:
+    for name, value in (("instances", instances), ("threads", threads), ("batch", batch_size)):
+        if value < 1:
+            raise PlanError(f"--{name} must be >= 1, got {value}")
+    slots = slots_for(threads, instances, cores)
+    batch = instances * batch_size
+    return ServedPlan(model, version, threads, instances, batch_size, slots,
+                      served_latency(opt, threads, instances, batch_size, batch), batch)
+
+
+def should_switch(current: ServedPlan | None, target: ServedPlan, opt: Optimizer, batch: int,
+                  params: PolicyParams = PolicyParams()) -> bool:
+    """Switch when the target differs and is predicted enough faster at the estimated B."""
+    if current is None:
+        return True
+    if target.same_shape(current):
+        return False
+    now = served_latency(opt, current.threads, current.instances, current.batch_size, batch)
+    new = served_latency(opt, target.threads, target.instances, target.batch_size, batch)
+    if math.isinf(now):
+        return not math.isinf(new)
+    return new <= now * (1.0 - params.min_gain)

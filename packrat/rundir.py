@@ -1,0 +1,196 @@
+"""The run directory: what the controller, the handlers and the other commands share.
+
+    RUN/controller.lock            flock held by the running controller; holds its pid
+    RUN/state.json                 per model: live version, estimate, auto/manual, counters
+    RUN/packrat.log                the controller's log
+    RUN/torchserve/                TorchServe's working directory (config, key_file.json, logs)
+    RUN/model_store/NAME-vN/       one unpacked archive per served version
+    RUN/plans/NAME/N.json          the plan version N serves: threads, batch size, cores per slot
+    RUN/slots/NAME/N/K.lock        flock held by the worker that claimed slot K; holds its pid
+    RUN/requests/ID.json           `packrat reconfigure` asks; ID.result.json is the answer
+
+Everything is created readable by the user only. A worker finds the run directory through the
+PACKRAT_RUN_DIR environment variable, which the controller gives TorchServe.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from packrat.errors import PackratError
+
+RUN_DIR_ENV = "PACKRAT_RUN_DIR"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+def default_run_dir() -> Path:
+    """$XDG_RUNTIME_DIR/packrat, else ~/.local/state/packrat/run."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "packrat"
+    return Path.home() / ".local" / "state" / "packrat" / "run"
+
+
+def check_model_name(name: str) -> str:
+    if not _NAME.match(name or ""):
+        raise PackratError(
+            f"invalid model name {name!r}: use letters, digits, '_' and '-' (at most 64, no "
+            "slashes or dots)"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class ServedPlan:
+    """What one TorchServe model version runs: `instances` workers of `threads` threads,
+    batch_size `batch_size`, worker K pinned to slots[K]."""
+
+    model: str
+    version: str
+    threads: int
+    instances: int
+    batch_size: int
+    slots: tuple[tuple[int, ...], ...]
+    predicted_ms: float
+    for_batch: int
+
+    def same_shape(self, other: "ServedPlan | None") -> bool:
+        return other is not None and (self.threads, self.instances, self.batch_size) == (
+            other.threads, other.instances, other.batch_size)
+
+    def describe(self) -> str:
+        return f"{self.instances}x<t={self.threads},b={self.batch_size}>"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(data: dict) -> "ServedPlan":
+        data = dict(data)
+        data["slots"] = tuple(tuple(s) for s in data["slots"])
+        return ServedPlan(**data)
+
+
+class RunDir:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path).absolute()
+
+    # -- layout ----------------------------------------------------------------------------
+    @property
+    def torchserve(self) -> Path:
+        return self.path / "torchserve"
+
+    @property
+    def model_store(self) -> Path:
+        return self.path / "model_store"
+
+    @property
+    def state_file(self) -> Path:
+        return self.path / "state.json"
+
+    @property
+    def log_file(self) -> Path:
+        return self.path / "packrat.log"
+
+    @property
+    def requests(self) -> Path:
+        return self.path / "requests"
+
+    def plan_file(self, model: str, version: str) -> Path:
+        return self.path / "plans" / model / f"{version}.json"
+
+    def slot_dir(self, model: str, version: str) -> Path:
+        return self.path / "slots" / model / version
+
+    def version_dir(self, model: str, version: str) -> Path:
+        return self.model_store / f"{model}-v{version}"
+
+    def create(self) -> "RunDir":
+        old = os.umask(0o077)  # files of the run directory are the user's alone
+        try:
+            for d in (self.path, self.torchserve, self.model_store, self.requests):
+                d.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.path, 0o700)
+        finally:
+            os.umask(old)
+        return self
+
+    # -- plans -----------------------------------------------------------------------------
+    def write_plan(self, plan: ServedPlan) -> None:
+        write_json(self.plan_file(plan.model, plan.version), plan.to_json())
+
+    def read_plan(self, model: str, version: str) -> ServedPlan | None:
+        try:
+            return ServedPlan.from_json(json.loads(self.plan_file(model, version).read_text()))
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+
+    def slot_pids(self, model: str, version: str) -> dict[int, int]:
+        """slot -> pid of the live worker that claimed it. Read without locking, so that a
+        look never makes a starting worker miss a free slot."""
+        out = {}
+        for f in sorted(self.slot_dir(model, version).glob("*.lock")):
+            try:
+                pid = int(f.read_text().strip() or 0)
+            except (OSError, ValueError):
+                continue
+            if pid and _is_alive(pid):
+                out[int(f.stem)] = pid
+        return out
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie has no affinity left to report
+        return Path(f"/proc/{pid}/status").read_text().find("State:\tZ") < 0
+    except OSError:
+        return False
+
+
+def claim_slot(run: RunDir, model: str, version: str, slots: int):
+    """Take the first free slot of a version: returns (index, open file) or None if all are
+    taken. The flock is held as long as the file stays open, that is until the worker dies, so
+    a restarted worker finds its predecessor's slot free."""
+    d = run.slot_dir(model, version)
+    d.mkdir(parents=True, exist_ok=True)
+    for k in range(slots):
+        fh = open(d / f"{k}.lock", "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            continue
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        return k, fh
+    return None
+
+
+def write_json(path: Path, data) -> None:
+    """Write atomically (readers never see half a file), mode 0600."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, default=None):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return default
