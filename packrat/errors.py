@@ -31,3 +31,11 @@ class RequestError(PackratError):
     The handler answers that request alone with HTTP 400 and this message; the rest of its
     batch is still served.
     """
+
+
+class TorchServeError(PackratError):
+    """TorchServe could not be started or stopped, or refused or failed a request.
+
+    Messages about a request name the method, the URL, the HTTP status and TorchServe's own
+    message, e.g. "POST http://127.0.0.1:8081/models?url=x -> 500: <message>".
+    """
