@@ -868,6 +868,11 @@ class TorchServeClient:
             ok=None,
         )
 
+    def inference_key(self) -> str:
+        """The inference key, for a client that sends its own requests (a load generator);
+        it changes when a refused key is renewed, so such a client re-reads it on a 400."""
+        return self._key("inference")
+
     # -- management API
 
     def register(

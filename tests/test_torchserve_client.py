@@ -327,6 +327,7 @@ def test_token_refresh(served, caplog):
     caplog.set_level("INFO", logger="packrat.torchserve")
     assert "cnn" in c.models()
     assert "using the newer key" in caplog.text
+    assert c.inference_key() == json.loads(key_file.read_text())["inference"]["key"]
 
     # 2. The file holds refused keys (as after expiry): get new ones with the API key.
     keys = json.loads(key_file.read_text())
