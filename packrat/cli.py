@@ -158,6 +158,109 @@ def cmd_plan(args) -> int:
     return 0
 
 
+# -- serving ---------------------------------------------------------------------------------
+
+def _run_dir(args) -> Path:
+    from packrat.rundir import default_run_dir
+
+    return Path(args.run_dir) if args.run_dir else default_run_dir()
+
+
+def _model_sources(args):
+    from packrat.service import ModelSource
+
+    profiles = dict(_pairs(args.profiles, "--profiles")) if args.profiles else {}
+    sources = []
+    for name, file in _pairs(args.models, "--models"):
+        path = Path(file)
+        if not path.is_absolute() and args.model_store and not path.exists():
+            path = Path(args.model_store) / file
+        sources.append(ModelSource(name, path, Path(profiles.pop(name)) if name in profiles else None))
+    if profiles:
+        raise PackratError(f"--profiles names models not in --models: {', '.join(profiles)}")
+    return tuple(sources)
+
+
+def _pairs(text: str, flag: str):
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        if not sep or not name or not value:
+            raise PackratError(f"{flag}: {part!r} is not NAME=FILE")
+        out.append((name, value))
+    return out
+
+
+def cmd_serve(args) -> int:
+    from packrat.controller import ControllerParams
+    from packrat.service import ServeOptions, serve
+    from packrat.torchserve import Ports
+
+    ports = None
+    if args.inference_port or args.management_port or args.metrics_port:
+        free = Ports.free()
+        ports = Ports(args.inference_port or free.inference, args.management_port or free.management,
+                      args.metrics_port or free.metrics, free.grpc_inference, free.grpc_management)
+    options = ServeOptions(
+        run_dir=_run_dir(args), models=_model_sources(args), cores=args.cores, ports=ports,
+        max_batch=args.max_batch, initial_batch=args.initial_batch,
+        controller=ControllerParams(interval_s=args.interval, max_batch_delay_ms=args.max_batch_delay),
+    )
+    print(f"run directory: {options.run_dir}", file=sys.stderr)
+    serve(options, say=lambda msg: print(msg, file=sys.stderr, flush=True))
+    return 0
+
+
+def cmd_stop(args) -> int:
+    from packrat.service import stop
+
+    print(stop(_run_dir(args)))
+    return 0
+
+
+def cmd_status(args) -> int:
+    from packrat.service import status
+
+    report = status(_run_dir(args))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"controller pid {report['controller_pid'] or '-'}, TorchServe pid {report['torchserve_pid'] or '-'}")
+    for name, m in report["models"].items():
+        last = m["last_reconfiguration_s"]
+        print(f"{name}: version {m['version']}, estimated B = {m['estimated_batch']}, "
+              f"{'auto' if m['auto'] else 'manual'}, {m['reconfigurations']} reconfigurations"
+              + (f", last {last:.0f} s ago" if last is not None else ""))
+        plan = m["plan"]
+        if plan["latency_ms"] is not None:
+            print(f"  predicted batch latency {plan['latency_ms']:.1f} ms")
+        for i in plan["instances"]:
+            print(f"  worker pid {i['pid'] or '-':>7}: {i['threads']} threads, batch {i['batch']}, "
+                  f"cores {','.join(map(str, i['cores'])) or '-'}")
+        if m.get("last_error"):
+            print(f"  last error: {m['last_error']}")
+    return 0
+
+
+def cmd_reconfigure(args) -> int:
+    from packrat.service import reconfigure
+
+    if args.auto:
+        request = {"model": args.model, "auto": True}
+    elif args.for_batch is not None:
+        request = {"model": args.model, "for_batch": args.for_batch}
+    elif None not in (args.instances, args.threads, args.batch):
+        request = {"model": args.model, "instances": args.instances, "threads": args.threads,
+                   "batch": args.batch}
+    else:
+        raise PackratError("give --instances, --threads and --batch together, or --for-batch B, or --auto")
+    answer = reconfigure(_run_dir(args), request, timeout_s=args.timeout)
+    if not answer.get("ok"):
+        raise PackratError(answer.get("message", "the switch failed"))
+    print(f"{answer['message']} ({answer.get('seconds', 0):.1f} s)")
+    return 0
+
+
 # -- main ------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,6 +303,43 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--allocator", default="default",
                     help="published profiles: allocator rows to use (default or tcmalloc)")
     pl.set_defaults(func=cmd_plan)
+
+    run_help = "run directory (default: $XDG_RUNTIME_DIR/packrat or ~/.local/state/packrat/run)"
+    sv = sub.add_parser("serve", help="run TorchServe under Packrat, reconfiguring it as load changes")
+    sv.add_argument("--models", required=True, help="NAME=FILE.mar[,NAME2=FILE2.mar]")
+    sv.add_argument("--model-store", help="directory the .mar paths are relative to")
+    sv.add_argument("--profiles", help="NAME=PROFILE.csv[,...]: use these profiles instead of measuring")
+    sv.add_argument("--cores", type=int, help="cores to use (default: all usable)")
+    sv.add_argument("--inference-port", type=int)
+    sv.add_argument("--management-port", type=int)
+    sv.add_argument("--metrics-port", type=int)
+    sv.add_argument("--run-dir", help=run_help)
+    sv.add_argument("--max-batch", type=int, default=32, help="largest batch to profile (default 32)")
+    sv.add_argument("--initial-batch", type=int, default=1, help="B to plan for at start (default 1)")
+    sv.add_argument("--interval", type=float, default=1.0, help="seconds between control steps")
+    sv.add_argument("--max-batch-delay", type=int, default=10,
+                    help="TorchServe max_batch_delay in ms (default 10)")
+    sv.set_defaults(func=cmd_serve)
+
+    st = sub.add_parser("stop", help="stop `packrat serve` and its TorchServe")
+    st.add_argument("--run-dir", help=run_help)
+    st.set_defaults(func=cmd_stop)
+
+    ss = sub.add_parser("status", help="what each model serves, as it really runs")
+    ss.add_argument("--run-dir", help=run_help)
+    ss.add_argument("--json", action="store_true")
+    ss.set_defaults(func=cmd_status)
+
+    rc = sub.add_parser("reconfigure", help="serve a manual plan, the plan for a B, or go back to auto")
+    rc.add_argument("--run-dir", help=run_help)
+    rc.add_argument("--model", required=True)
+    rc.add_argument("--instances", type=int)
+    rc.add_argument("--threads", type=int)
+    rc.add_argument("--batch", type=int, help="TorchServe batch size of each instance")
+    rc.add_argument("--for-batch", type=int, help="serve the optimizer's plan for this B")
+    rc.add_argument("--auto", action="store_true", help="let the controller choose again")
+    rc.add_argument("--timeout", type=float, default=600, help="seconds to wait for the switch")
+    rc.set_defaults(func=cmd_reconfigure)
     return p
 
 

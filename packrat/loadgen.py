@@ -11,8 +11,11 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import requests
+
+from packrat.errors import PackratError
 
 
 @dataclass
@@ -29,12 +32,10 @@ class LoadResult:
 class ClosedLoop:
     """Runs `concurrency` client threads until stop() (or max_requests per client)."""
 
-    def __init__(self, url: str, body: bytes, headers: dict[str, str], timeout_s: float = 60,
+    def __init__(self, send: Callable[[], requests.Response], timeout_s: float = 60,
                  max_requests: int = 1_000_000) -> None:
-        if not url.startswith(("http://127.", "http://localhost", "http://[::1]")):
-            raise ValueError(f"load goes to loopback only, not {url}")
-        self.url, self.body, self.timeout_s = url, body, timeout_s
-        self.headers = {"Content-Type": "application/json", **headers}
+        # send() makes one request, e.g. TorchServeClient.predict (loopback, token handled)
+        self.send, self.timeout_s = send, timeout_s
         self.max_requests = max_requests
         self.result = LoadResult()
         self._lock = threading.Lock()
@@ -55,14 +56,13 @@ class ClosedLoop:
 
     def _client(self) -> None:
         me = threading.current_thread()
-        session = requests.Session()
         for _ in range(self.max_requests):
             if self._stop.is_set() or me.stop.is_set():
                 break
             start = time.perf_counter()
             try:
-                r = session.post(self.url, data=self.body, headers=self.headers, timeout=self.timeout_s)
-            except requests.RequestException as e:
+                r = self.send()
+            except (requests.RequestException, PackratError) as e:
                 with self._lock:
                     self.result.unanswered.append(f"{type(e).__name__}: {e}")
                 continue
@@ -72,7 +72,6 @@ class ClosedLoop:
                     self.result.latencies_ms.append(elapsed)
                 else:
                     self.result.failures.append(f"HTTP {r.status_code}: {r.text[:200]}")
-        session.close()
 
     def stop(self) -> LoadResult:
         self._stop.set()

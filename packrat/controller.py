@@ -1,0 +1,346 @@
+"""The reconfiguration controller: estimates B per model from live traffic and, when a better
+plan is worth it, switches TorchServe to it make-before-break.
+
+A switch (`Controller.switch`):
+1. write the plan of the new version N into the run directory and unpack the archive as
+   `model_store/NAME-vN` (weights hard-linked), with the current Packrat handler;
+2. register it (`synchronous=true`): its workers start, each claims a slot of the plan and pins
+   itself to that slot's cores before loading the model;
+3. check that every worker is up and holds its slot, and warm it with full batches sent to the
+   new version explicitly;
+4. make it the default: new requests go to it;
+5. wait until the old version has nothing queued and its request counter has stood still for
+   longer than a batch takes (so no batch is in flight), then delete it.
+Any failure before step 4 deletes the new version and leaves the old one serving.
+
+Cores during the overlap: both versions are pinned inside the same N cores (each plan uses
+the cores Packrat may use, physical first), so for the seconds of steps 2-5 the new workers
+load and warm on cores where the old ones still serve. Latency rises a little during a switch;
+no request is dropped, and no thread ever runs outside the allowed cores.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from packrat.errors import PackratError, PlanError, TorchServeError
+from packrat.estimator import EstimatorParams, EstimatorState, Sample, observe
+from packrat.modelspec import ModelSpec, encode_example
+from packrat.optimizer import Optimizer
+from packrat.policy import PolicyParams, manual_plan, plan_for_batch, should_switch
+from packrat.rundir import RunDir, ServedPlan, read_json, write_json
+from packrat.torchserve import TorchServeClient, make_version_dir, worker_cpu_seconds
+
+log = logging.getLogger(__name__)
+
+HANDLER_FILE = "packrat_handler.py"
+
+
+@dataclass(frozen=True)
+class ControllerParams:
+    interval_s: float = 1.0
+    max_batch_delay_ms: int = 10
+    drain_timeout_s: float = 120.0
+    retry_after_s: float = 30.0  # after a failed switch, wait this long before trying again
+    policy: PolicyParams = PolicyParams()
+    estimator: EstimatorParams = EstimatorParams()
+
+
+@dataclass
+class ModelRuntime:
+    """What the controller knows of one model; mutable, owned by the controller loop."""
+
+    name: str
+    base_dir: Path                 # the unpacked archive every version is made from
+    optimizer: Optimizer
+    cores: tuple[int, ...]
+    spec: ModelSpec
+    plan: ServedPlan | None = None
+    auto: bool = True
+    estimator: EstimatorState = field(default_factory=EstimatorState)
+    totals: tuple[float, float] = (0.0, 0.0)   # requests, latency_us summed over versions
+    last_counters: dict = field(default_factory=dict)
+    next_version: int = 1
+    reconfigurations: int = 0
+    last_reconfiguration_unix: float | None = None
+    last_error: str | None = None
+    retry_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class SwitchResult:
+    ok: bool
+    model: str
+    plan: ServedPlan | None
+    seconds: float
+    message: str
+
+
+class Controller:
+    def __init__(self, run: RunDir, client: TorchServeClient, params: ControllerParams = ControllerParams(),
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
+        self.run, self.client, self.params = run, client, params
+        self.clock, self.wall = clock, wall
+        self.models: dict[str, ModelRuntime] = {}
+        self.stopping = threading.Event()
+
+    # -- versions ---------------------------------------------------------------------------
+
+    def _make_version_dir(self, m: ModelRuntime, version: str) -> str:
+        self._remove_version_files(m.name, version)  # a leftover of an interrupted switch
+        url = make_version_dir(m.base_dir, self.run.model_store, m.name, version)
+        dest = self.run.model_store / url
+        manifest = json.loads((dest / "MAR-INF" / "MANIFEST.json").read_text())
+        if manifest["model"].get("handler", "").split(":")[0] == HANDLER_FILE:
+            # Serve with the handler of this Packrat, whatever version built the archive.
+            target = dest / HANDLER_FILE
+            target.unlink(missing_ok=True)  # a hard link: never write through to the base
+            shutil.copyfile(Path(__file__).resolve().parents[1] / "handlers" / HANDLER_FILE, target)
+        return url
+
+    def _remove_version_files(self, model: str, version: str) -> None:
+        shutil.rmtree(self.run.version_dir(model, version), ignore_errors=True)
+        shutil.rmtree(self.run.slot_dir(model, version), ignore_errors=True)
+        self.run.plan_file(model, version).unlink(missing_ok=True)
+
+    # -- the switch -------------------------------------------------------------------------
+
+    def switch(self, m: ModelRuntime, plan: ServedPlan) -> SwitchResult:
+        start = self.clock()
+        version = plan.version
+        old = m.plan
+        log.info("%s: switching %s -> %s (version %s, predicted %.1f ms at B=%d)", m.name,
+                 old.describe() if old else "nothing", plan.describe(), version,
+                 plan.predicted_ms, plan.for_batch)
+        m.next_version = max(m.next_version, int(version) + 1)
+        registered = False
+        try:
+            url = self._make_version_dir(m, version)
+            self.run.write_plan(plan)
+            self.client.register(
+                url, model_name=m.name,
+                batch_size=plan.batch_size, max_batch_delay_ms=self.params.max_batch_delay_ms,
+                initial_workers=plan.instances,
+            )
+            registered = True
+            self._check_workers(m, plan)
+            self._warm(m, plan)
+            self.client.set_default(m.name, version)
+        except (PackratError, OSError) as e:
+            if registered:
+                try:
+                    self.client.unregister(m.name, version)
+                except PackratError as e2:
+                    log.warning("%s: could not delete failed version %s: %s", m.name, version, e2)
+            self._remove_version_files(m.name, version)
+            message = f"switch of {m.name} to {plan.describe()} failed: {e}"
+            if old is not None:
+                message += f"; version {old.version} ({old.describe()}) keeps serving"
+            m.last_error = message
+            m.retry_at = self.clock() + self.params.retry_after_s
+            log.error("%s", message)
+            return SwitchResult(False, m.name, old, self.clock() - start, message)
+
+        m.plan = plan
+        m.reconfigurations += 1 if old is not None else 0
+        m.last_reconfiguration_unix = self.wall()
+        m.last_error = None
+        self.save_state()
+        if old is not None:
+            self._retire(m, old)
+        seconds = self.clock() - start
+        log.info("%s: now serving %s (version %s) after %.1f s", m.name, plan.describe(), version, seconds)
+        return SwitchResult(True, m.name, plan, seconds, f"{m.name} serves {plan.describe()} as version {version}")
+
+    def _check_workers(self, m: ModelRuntime, plan: ServedPlan) -> None:
+        """Every worker of the new version is up and holds a slot of its plan."""
+        deadline = self.clock() + 30
+        while True:
+            info = [v for v in self.client.versions(m.name) if v.version == plan.version]
+            pids = {w.pid for v in info for w in v.workers if w.pid}
+            slots = self.run.slot_pids(m.name, plan.version)
+            if len(pids) >= plan.instances and set(slots.values()) >= pids and len(slots) >= plan.instances:
+                return
+            if self.clock() > deadline:
+                raise PackratError(
+                    f"version {plan.version} has {len(pids)} workers and {len(slots)} claimed "
+                    f"slots, {plan.instances} expected; see {self.run.torchserve}/logs"
+                )
+            time.sleep(0.1)
+
+    def _warm(self, m: ModelRuntime, plan: ServedPlan) -> None:
+        """Full batches to every worker of the new version before it takes traffic."""
+        body = json.dumps(encode_example(m.spec)).encode()
+        n = plan.instances * plan.batch_size
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(n, 64)) as pool:
+            for _ in range(2):
+                replies = list(pool.map(
+                    lambda _: self.client.predict(m.name, body, version=plan.version), range(n)))
+                bad = [r.status_code for r in replies if r.status_code != 200]
+                if bad:
+                    raise PackratError(f"warm-up requests to version {plan.version} failed: {bad[:5]}")
+
+    def _retire(self, m: ModelRuntime, old: ServedPlan) -> None:
+        """Delete the old version once nothing is queued or running on it."""
+        if self._wait_drained(m, old):
+            try:
+                self.client.unregister(m.name, old.version)
+            except TorchServeError as e:
+                log.warning("%s: deleting version %s failed: %s", m.name, old.version, e)
+                return
+            self._remove_version_files(m.name, old.version)
+        else:
+            log.warning("%s: version %s still busy after %.0f s; left registered", m.name,
+                        old.version, self.params.drain_timeout_s)
+
+    def _wait_drained(self, m: ModelRuntime, old: ServedPlan) -> bool:
+        """True once the old version has nothing queued and nothing running.
+
+        A batch a worker has taken is no longer in the queue count, and the metrics count
+        requests to /predictions/NAME under "default" whatever version served them, so the
+        rule (measured, see packrat.torchserve) is: the queue read empty for longer than the
+        batching delay plus two full batches, and the workers' CPU time stood still for two
+        batching delays."""
+        delay = self.params.max_batch_delay_ms / 1000.0
+        empty_needed = delay + 2 * old.predicted_ms / 1000.0 + 0.2
+        idle_needed = 2 * delay + 0.1
+        deadline = self.clock() + self.params.drain_timeout_s
+        empty_since = idle_since = None
+        last_cpu = None
+        while self.clock() < deadline:
+            info = next((v for v in self.client.versions(m.name) if v.version == old.version), None)
+            if info is None:
+                return True  # already gone
+            now = self.clock()
+            cpu = worker_cpu_seconds(info)
+            empty_since = (empty_since or now) if info.pending_requests == 0 else None
+            idle_since = (idle_since or now) if cpu == last_cpu else None
+            last_cpu = cpu
+            if (empty_since is not None and now - empty_since >= empty_needed
+                    and idle_since is not None and now - idle_since >= idle_needed):
+                return True
+            time.sleep(0.05)
+        return False
+
+    # -- estimating B -----------------------------------------------------------------------
+
+    def sample(self, m: ModelRuntime, metrics: dict) -> None:
+        """Add this scrape to the model's running totals (versions come and go, so their own
+        counters restart; only their increases count) and feed the estimator."""
+        requests, latency = m.totals
+        seen = {}
+        for (metric, model, version), value in metrics.items():
+            if model != m.name or metric not in ("ts_inference_requests_total",
+                                                 "ts_inference_latency_microseconds"):
+                continue
+            key = (metric, version)
+            seen[key] = value
+            prev = m.last_counters.get(key, 0.0)
+            delta = value - prev if value >= prev else value
+            if metric == "ts_inference_requests_total":
+                requests += delta
+            else:
+                latency += delta
+        m.last_counters = seen
+        m.totals = (requests, latency)
+        m.estimator = observe(m.estimator, Sample(self.clock(), requests, latency), self.params.estimator)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def step(self) -> None:
+        self.handle_requests()
+        try:
+            metrics = self.client.metrics()
+        except TorchServeError as e:
+            log.warning("metrics unavailable: %s", e)
+            return
+        for m in self.models.values():
+            self.sample(m, metrics)
+            if not m.auto or self.clock() < m.retry_at:
+                continue
+            batch = m.estimator.estimate
+            try:
+                target = plan_for_batch(m.optimizer, m.name, str(m.next_version), batch, m.cores)
+            except PlanError as e:
+                m.last_error = str(e)
+                continue
+            if should_switch(m.plan, target, m.optimizer, batch, self.params.policy):
+                self.switch(m, target)
+        self.save_state()
+
+    def run_forever(self) -> None:
+        while not self.stopping.is_set():
+            self.step()
+            self.stopping.wait(self.params.interval_s)
+
+    # -- manual requests (`packrat reconfigure`) --------------------------------------------
+
+    def handle_requests(self) -> None:
+        for path in sorted(self.run.requests.glob("*.json")):
+            if path.name.endswith(".result.json"):
+                continue
+            request = read_json(path, {})
+            path.unlink(missing_ok=True)
+            result = self.apply_request(request)
+            write_json(path.with_name(path.stem + ".result.json"),
+                       {"ok": result.ok, "message": result.message, "seconds": round(result.seconds, 2),
+                        "plan": result.plan.to_json() if result.plan else None})
+
+    def apply_request(self, request: dict) -> SwitchResult:
+        name = request.get("model")
+        m = self.models.get(name)
+        if m is None:
+            return SwitchResult(False, str(name), None, 0.0,
+                                f"no model {name!r} is served; served: {', '.join(self.models) or 'none'}")
+        try:
+            version = str(m.next_version)
+            if request.get("auto"):
+                m.auto = True
+                m.retry_at = 0.0
+                self.save_state()
+                return SwitchResult(True, name, m.plan, 0.0, f"{name}: automatic reconfiguration on")
+            if request.get("for_batch") is not None:
+                plan = plan_for_batch(m.optimizer, name, version, int(request["for_batch"]), m.cores)
+            else:
+                plan = manual_plan(m.optimizer, name, version, int(request["instances"]),
+                                   int(request["threads"]), int(request["batch"]), m.cores)
+        except (PackratError, KeyError, TypeError, ValueError) as e:
+            return SwitchResult(False, name, m.plan, 0.0, f"bad request: {e}")
+        m.auto = False  # a manual plan holds until --auto
+        if plan.same_shape(m.plan):
+            self.save_state()
+            return SwitchResult(True, name, m.plan, 0.0, f"{name} already serves {plan.describe()}")
+        return self.switch(m, plan)
+
+    # -- state for `packrat status` ---------------------------------------------------------
+
+    def save_state(self) -> None:
+        models = {}
+        for m in self.models.values():
+            models[m.name] = {
+                "version": m.plan.version if m.plan else None,
+                "estimated_batch": m.estimator.estimate,
+                "auto": m.auto,
+                "reconfigurations": m.reconfigurations,
+                "last_reconfiguration_unix": m.last_reconfiguration_unix,
+                "last_error": m.last_error,
+                "cores": list(m.cores),
+            }
+        write_json(self.run.state_file, {"controller_pid": os.getpid(), "models": models})
+
+
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
