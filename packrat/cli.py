@@ -261,6 +261,44 @@ def cmd_reconfigure(args) -> int:
     return 0
 
 
+def cmd_load(args) -> int:
+    import statistics
+    import time
+
+    from packrat.loadgen import ClosedLoop
+    from packrat.rundir import RunDir
+    from packrat.torchserve import TorchServeClient, load_settings
+
+    phases = []
+    for part in args.phases.split(","):
+        c, sep, secs = part.partition(":")
+        try:
+            phases.append((int(c), float(secs)))
+        except ValueError:
+            raise PackratError(f"--phases: {part!r} is not CLIENTS:SECONDS") from None
+        if phases[-1][0] < 0 or phases[-1][1] <= 0:
+            raise PackratError(f"--phases: {part!r} needs clients >= 0 and seconds > 0")
+    body = Path(args.body).read_bytes()
+    client = TorchServeClient(load_settings(RunDir(_run_dir(args)).torchserve))
+    load = ClosedLoop(lambda: client.predict(args.model, body, timeout_s=60))
+    done = 0
+    try:
+        for clients, seconds in phases:
+            load.set_concurrency(clients)
+            time.sleep(seconds)
+            lat = load.result.latencies_ms[done:]
+            done += len(lat)
+            p50 = f"{statistics.median(lat):.1f} ms" if lat else "-"
+            print(f"{clients:>3} clients, {seconds:.0f} s: {len(lat)} answered, median {p50}", flush=True)
+    finally:
+        result = load.stop()
+    print(f"total: {result.answered} answered, {len(result.failures)} failed, "
+          f"{len(result.unanswered)} unanswered")
+    for line in (result.failures + result.unanswered)[:5]:
+        print(f"  {line}")
+    return 0 if not (result.failures or result.unanswered) else 1
+
+
 # -- main ------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -340,6 +378,14 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--auto", action="store_true", help="let the controller choose again")
     rc.add_argument("--timeout", type=float, default=600, help="seconds to wait for the switch")
     rc.set_defaults(func=cmd_reconfigure)
+
+    ld = sub.add_parser("load", help="closed-loop test load on a served model (loopback)")
+    ld.add_argument("--run-dir", help=run_help)
+    ld.add_argument("--model", required=True)
+    ld.add_argument("--body", required=True, help="request body file, e.g. NAME.example.json")
+    ld.add_argument("--phases", default="1:10,8:20,1:10",
+                    help="CLIENTS:SECONDS,... concurrent clients per phase (default 1:10,8:20,1:10)")
+    ld.set_defaults(func=cmd_load)
     return p
 
 

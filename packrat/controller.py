@@ -151,8 +151,9 @@ class Controller:
             return SwitchResult(False, m.name, old, self.clock() - start, message)
 
         m.plan = plan
-        m.reconfigurations += 1 if old is not None else 0
-        m.last_reconfiguration_unix = self.wall()
+        if old is not None:
+            m.reconfigurations += 1
+            m.last_reconfiguration_unix = self.wall()
         m.last_error = None
         self.save_state()
         if old is not None:

@@ -101,6 +101,14 @@ def controller_pid(run: RunDir) -> int | None:
 
 
 def serve(options: ServeOptions, say=print) -> None:
+    old_umask = os.umask(0o077)  # the run directory (token, plans, logs) is the user's alone
+    try:
+        _serve(options, say)
+    finally:
+        os.umask(old_umask)
+
+
+def _serve(options: ServeOptions, say) -> None:
     run = RunDir(options.run_dir).create()
     lock = ControllerLock(run)
     lock.acquire()
@@ -138,10 +146,11 @@ def serve(options: ServeOptions, say=print) -> None:
                 workdir=run.torchserve, model_store=run.model_store,
                 ports=options.ports or Ports.free(), env=((RUN_DIR_ENV, str(run.path)),),
             )
-            say(f"starting TorchServe: inference http://127.0.0.1:{settings.ports.inference}, "
-                f"management http://127.0.0.1:{settings.ports.management}, "
-                f"metrics http://127.0.0.1:{settings.ports.metrics}")
             server = start_server(settings)
+            say(f"TorchServe: inference http://127.0.0.1:{settings.ports.inference}, "
+                f"management http://127.0.0.1:{settings.ports.management}, "
+                f"metrics http://127.0.0.1:{settings.ports.metrics} (token: "
+                f"{run.torchserve / 'key_file.json'})")
         client = TorchServeClient(settings)
         controller = Controller(run, client, options.controller)
         for m in runtimes:
