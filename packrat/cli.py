@@ -261,6 +261,32 @@ def cmd_reconfigure(args) -> int:
     return 0
 
 
+def _phases(text: str) -> list[tuple[int, float]]:
+    """`1:10,8:20`: concurrent clients and seconds per phase."""
+    phases = []
+    for part in text.split(","):
+        c, _, secs = part.partition(":")
+        try:
+            phases.append((int(c), float(secs)))
+        except ValueError:
+            raise PackratError(f"--phases: {part!r} is not CLIENTS:SECONDS") from None
+        if phases[-1][0] < 0 or phases[-1][1] <= 0:
+            raise PackratError(f"--phases: {part!r} needs clients >= 0 and seconds > 0")
+    return phases
+
+
+def cmd_demo(args) -> int:
+    from packrat.demo import run_demo, summary
+
+    phases = _phases(args.phases)
+    if any(c < 1 for c, _ in phases):
+        raise PackratError("--phases: every demo phase needs at least 1 client")
+    result = run_demo(args.zoo, Path(args.out), phases, args.baseline_seconds,
+                      say=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(summary(result))
+    return 0 if result.failed == 0 else 1
+
+
 def cmd_load(args) -> int:
     import statistics
     import time
@@ -269,15 +295,7 @@ def cmd_load(args) -> int:
     from packrat.rundir import RunDir
     from packrat.torchserve import TorchServeClient, load_settings
 
-    phases = []
-    for part in args.phases.split(","):
-        c, sep, secs = part.partition(":")
-        try:
-            phases.append((int(c), float(secs)))
-        except ValueError:
-            raise PackratError(f"--phases: {part!r} is not CLIENTS:SECONDS") from None
-        if phases[-1][0] < 0 or phases[-1][1] <= 0:
-            raise PackratError(f"--phases: {part!r} needs clients >= 0 and seconds > 0")
+    phases = _phases(args.phases)
     body = Path(args.body).read_bytes()
     client = TorchServeClient(load_settings(RunDir(_run_dir(args)).torchserve))
     load = ClosedLoop(lambda: client.predict(args.model, body, timeout_s=60))
@@ -386,6 +404,17 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--phases", default="1:10,8:20,1:10",
                     help="CLIENTS:SECONDS,... concurrent clients per phase (default 1:10,8:20,1:10)")
     ld.set_defaults(func=cmd_load)
+
+    dm = sub.add_parser("demo", help="archive, serve, load with changing concurrency, compare, stop")
+    dm.add_argument("--zoo", default="resnet50", help="zoo model (default resnet50)")
+    dm.add_argument("--out", default="out/demo", help="archives and run directory (default out/demo)")
+    dm.add_argument("--phases", default="1:20,8:40,1:20",
+                    help="CLIENTS:SECONDS,... (default 1:20,8:40,1:20)")
+    dm.add_argument("--baseline-seconds", type=float, default=15,
+                    help="seconds of baseline serving after each phase (default 15)")
+    dm.set_defaults(func=cmd_demo)
+    from packrat.bench import add_parser as add_bench_parser
+    add_bench_parser(sub)
     return p
 
 
