@@ -225,6 +225,8 @@ def cmd_status(args) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
+    if not report["controller_pid"]:
+        print("no packrat controller runs on this run directory; its last state:")
     print(f"controller pid {report['controller_pid'] or '-'}, TorchServe pid {report['torchserve_pid'] or '-'}")
     for name, m in report["models"].items():
         last = m["last_reconfiguration_s"]

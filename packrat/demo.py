@@ -131,7 +131,9 @@ def _serving(run: Path, zoo: str) -> bool:
     from packrat.service import status
 
     try:
-        return bool(status(run)["models"][zoo]["version"])
+        report = status(run)
+        return bool(report["controller_pid"] and report["torchserve_pid"]
+                    and report["models"][zoo]["version"])
     except (PackratError, KeyError):
         return False
 

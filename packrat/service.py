@@ -142,6 +142,7 @@ def _serve(options: ServeOptions, say) -> None:
             settings = load_settings(run.torchserve)
             say(f"adopting TorchServe (pid {server.frontend_pid}) of {run.path}")
         else:
+            run.state_file.unlink(missing_ok=True)  # a past run's: nothing of it is live
             settings = ServerSettings(
                 workdir=run.torchserve, model_store=run.model_store,
                 ports=options.ports or Ports.free(), env=((RUN_DIR_ENV, str(run.path)),),
