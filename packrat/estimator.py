@@ -44,7 +44,7 @@ class Sample:
     """One scrape of the counters of a model, summed over its versions."""
 
     time_s: float  # monotonic seconds
-    requests: float  # cumulative completed requests
+    requests: float  # cumulative requests (TorchServe counts a request when it arrives)
     latency_us: float  # cumulative latency sum, microseconds
 
 

@@ -27,7 +27,7 @@ from packrat.optimizer import Optimizer
 from packrat.policy import plan_for_batch
 from packrat.profile import read_profile
 from packrat.profiler import ProfileSettings, default_threads, profile_archive
-from packrat.rundir import RUN_DIR_ENV, RunDir, ServedPlan, check_model_name, read_json, write_json
+from packrat.rundir import RUN_DIR_ENV, RunDir, check_model_name, read_json, write_json
 from packrat.torchserve import (
     Ports, ServerSettings, TorchServeClient, find_server, load_settings, start_server, stop_server,
 )

@@ -2,11 +2,9 @@
 switches under load, pinned workers, automatic reconfiguration, stop."""
 
 import json
-import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
