@@ -62,6 +62,11 @@ def run_demo(zoo: str, out: Path, phases: list[tuple[int, float]], baseline_s: f
         say(f"{elapsed()} archiving {zoo}")
         build_zoo_archive(zoo, out, progress=lambda m: say(f"{elapsed()} {zoo}: {m}"))
     run = out / "run"
+    from packrat.service import controller_pid
+
+    if controller_pid(RunDir(run)) is not None:
+        raise PackratError(f"a packrat controller already runs on {run}; stop it with "
+                           f"`packrat stop --run-dir {run}` or give another --out")
     say(f"{elapsed()} starting packrat serve (profiles {zoo} on a small grid the first time)")
     serve = subprocess.Popen(
         [sys.executable, "-m", "packrat.cli", "serve", "--run-dir", str(run), "--models",
@@ -73,7 +78,7 @@ def run_demo(zoo: str, out: Path, phases: list[tuple[int, float]], baseline_s: f
     load = None
     try:
         deadline = time.monotonic() + 900
-        while not _serving(run, zoo):
+        while not _serving(run, zoo, serve.pid):
             if serve.poll() is not None:
                 raise PackratError(f"packrat serve exited with {serve.returncode}; see above")
             if time.monotonic() > deadline:
@@ -119,23 +124,37 @@ def run_demo(zoo: str, out: Path, phases: list[tuple[int, float]], baseline_s: f
             load.stop()
         if serve.poll() is None:
             say(f"{elapsed()} stopping")
-            subprocess.run([sys.executable, "-m", "packrat.cli", "stop", "--run-dir", str(run)],
-                           capture_output=True, text=True)
-        serve.wait(timeout=120)
+            serve.terminate()  # SIGTERM, as `packrat stop` sends: serve stops TorchServe
+            try:
+                serve.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                serve.kill()
+                serve.wait()
+                stop_server_of(run)
     r = load.result
     return DemoResult(tuple(results), r.answered, len(r.failures) + len(r.unanswered), switches,
                       time.monotonic() - started)
 
 
-def _serving(run: Path, zoo: str) -> bool:
+def _serving(run: Path, zoo: str, pid: int) -> bool:
+    """Our `packrat serve` (pid) is the live controller and serves the model."""
     from packrat.service import status
 
     try:
         report = status(run)
-        return bool(report["controller_pid"] and report["torchserve_pid"]
+        return bool(report["controller_pid"] == pid and report["torchserve_pid"]
                     and report["models"][zoo]["version"])
     except (PackratError, KeyError):
         return False
+
+
+def stop_server_of(run: Path) -> None:
+    from packrat.rundir import RunDir
+    from packrat.torchserve import find_server, stop_server
+
+    server = find_server(RunDir(run).torchserve)
+    if server is not None:
+        stop_server(server)
 
 
 def _plan_text(model_status: dict) -> str:
