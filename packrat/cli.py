@@ -87,6 +87,7 @@ def cmd_profile(args) -> int:
         max_reps=max(args.reps, 50),
         min_time_s=args.min_time,
         prune=not args.no_prune,
+        contended=not args.isolated,
     )
     bar = ProgressBar("profiling")
 
@@ -345,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds of timed passes per point, at least (default 0.5)")
     pr.add_argument("--no-prune", action="store_true",
                     help="measure every point, even those that cannot be in an optimal plan")
+    pr.add_argument("--isolated", action="store_true",
+                    help="measure each instance alone (default: with the other instances of its "
+                         "plan running on the other cores)")
     pr.set_defaults(func=cmd_profile)
 
     pl = sub.add_parser("plan", help="the best instances <threads, batch> for N cores and B")

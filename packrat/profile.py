@@ -47,6 +47,7 @@ class ProfileMeta:
     measured_points: int = 0
     skipped_points: int = 0
     duration_s: float = 0.0
+    contended: bool = False  # measured with the other instances of the plan running beside it
     created: str = ""
     source: str = ""
 

@@ -90,6 +90,7 @@ def main(job: dict) -> None:
     for threads in job["threads"]:
         cap = latency_bound(points, job["plan_cores"], job["batches"][-1]) if job["prune"] else None
         emit(event="start", threads=threads, cap_ms=cap)
+        shared, neighbors = _start_neighbors(handler, threads, job) if job["contended"] else (None, [])
         read_fd, write_fd = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: measure one row, report on the pipe, never return
@@ -97,7 +98,7 @@ def main(job: dict) -> None:
             code = 1
             try:
                 with os.fdopen(write_fd, "w") as out:
-                    measure_row(handler, threads, job["cores"][:threads], cap, job, out)
+                    measure_row(handler, threads, job["cores"][:threads], cap, job, out, shared)
                 code = 0
             except BaseException:
                 traceback.print_exc()
@@ -111,12 +112,60 @@ def main(job: dict) -> None:
                     points.append((threads, event["batch"], event["latency_ms"]))
                 print(line, end="", flush=True)
         _, status = os.waitpid(pid, 0)
+        if shared is not None:
+            shared.value = -1  # the neighbors stop after their current pass
+        for n in neighbors:
+            os.waitpid(n, 0)
         if status != 0:
             raise RuntimeError(f"the {threads}-thread measurement failed (status {status})")
 
 
-def measure_row(handler, threads: int, cores: list[int], cap, job: dict, out) -> None:
-    """In a forked child: pin, size the pools, time each batch; stop above the cap."""
+def _start_neighbors(handler, threads: int, job: dict):
+    """Fork the other instances of a t-thread plan, each pinned to its own t cores, running
+    the batch size the measured instance is at (shared.value; -1 stops them). Served side by
+    side, instances share memory bandwidth and caches: an isolated profile would miss that."""
+    from multiprocessing.sharedctypes import RawValue
+
+    count = len(job["cores"]) // threads - 1
+    if count < 1:
+        return None, []
+    shared = RawValue("i", 0)  # shared memory, inherited by the forks
+    pids = []
+    for k in range(1, count + 1):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                _run_neighbor(handler, threads, job["cores"][k * threads:(k + 1) * threads], shared)
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    return shared, pids
+
+
+def _run_neighbor(handler, threads: int, cores: list[int], shared) -> None:
+    import torch
+
+    from packrat.modelspec import synthetic_batch
+
+    pin_process(cores)
+    torch.set_num_threads(threads)
+    inputs = {}
+    while (batch := shared.value) >= 0:
+        if batch == 0:
+            time.sleep(0.005)
+            continue
+        if batch not in inputs:
+            inputs[batch] = synthetic_batch(handler.spec, batch, seed=batch)
+        handler.inference(inputs[batch])
+
+
+def measure_row(handler, threads: int, cores: list[int], cap, job: dict, out, shared=None) -> None:
+    """In a forked child: pin, size the pools, time each batch; stop above the cap. With
+    neighbors (shared), they run the same batch size meanwhile; warm-up lets them catch up."""
     import torch
 
     from packrat.modelspec import synthetic_batch
@@ -130,6 +179,8 @@ def measure_row(handler, threads: int, cores: list[int], cap, job: dict, out) ->
 
     for batch in job["batches"]:
         inputs = synthetic_batch(handler.spec, batch, seed=batch)
+        if shared is not None:
+            shared.value = batch
         times = sorted(
             measure(
                 lambda: handler.inference(inputs),

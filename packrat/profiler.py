@@ -70,6 +70,8 @@ class ProfileSettings:
     max_reps: int = 50
     min_time_s: float = 0.5
     prune: bool = True
+    # Measure t threads while the other N//t - 1 instances of a t-thread plan run beside it.
+    contended: bool = True
 
     @property
     def batches(self) -> tuple[int, ...]:
@@ -139,7 +141,7 @@ def profile_archive(
             "archive": digest, "cpu": cpu_model(), "cores": cores, "torch": torch_version,
             "settings": [settings.threads, settings.max_batch, settings.warmup,
                          settings.min_reps, settings.max_reps, settings.min_time_s,
-                         settings.prune],
+                         settings.prune, settings.contended],
         },
         sort_keys=True,
     )
@@ -164,7 +166,7 @@ def profile_archive(
         model=archive.stem, archive_sha256=digest, cpu_model=cpu_model(), cores=cores,
         torch_version=torch_version, threads_grid=tuple(sorted(settings.threads)),
         max_batch=settings.max_batch, measured_points=len(points),
-        skipped_points=len(skipped), duration_s=round(duration, 2),
+        skipped_points=len(skipped), duration_s=round(duration, 2), contended=settings.contended,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), source=str(archive),
     )
     profile = Profile(tuple(points), meta)
@@ -190,6 +192,7 @@ def _run_worker(model_dir, settings, cores, progress, start) -> list[ProfilePoin
     job = {
         "model_dir": str(model_dir), "threads": list(settings.threads), "cores": list(cores),
         "plan_cores": len(cores), "batches": list(settings.batches), "prune": settings.prune,
+        "contended": settings.contended,
         "warmup": settings.warmup, "min_reps": settings.min_reps,
         "max_reps": settings.max_reps, "min_time_s": settings.min_time_s,
     }
