@@ -1,0 +1,128 @@
+"""`packrat bench`: the oracle's configurations (pure), and a short real run on TorchServe."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from packrat.bench import (
+    Config,
+    RoundResult,
+    baseline_config,
+    build_row,
+    default_config,
+    oracle_configs,
+    percentile,
+    rotated,
+    round_result,
+)
+from packrat.optimizer import Optimizer
+from packrat.policy import plan_for_batch
+from packrat.profile import Profile, ProfilePoint
+from packrat.rundir import RunDir
+from packrat.torchserve import server_processes, torchserve_command
+
+
+def C(t, i, b):
+    return Config(t, i, b)
+
+
+def test_oracle_configs_two_cores():
+    assert oracle_configs(2, 1) == (C(1, 1, 1), C(2, 1, 1))  # a 2nd 1-thread worker would idle
+    assert oracle_configs(2, 4) == (C(1, 1, 4), C(1, 2, 2), C(2, 1, 4))
+    assert oracle_configs(2, 5) == (C(1, 1, 5), C(1, 2, 3), C(2, 1, 5))
+
+
+def test_oracle_configs_four_cores():
+    assert oracle_configs(4, 1) == tuple(C(t, 1, 1) for t in (1, 2, 3, 4))
+    assert oracle_configs(4, 2) == (C(1, 1, 2), C(1, 2, 1), C(2, 1, 2), C(2, 2, 1),
+                                    C(3, 1, 2), C(4, 1, 2))
+    # B = 3: four 1-thread workers of batch 1 leave one idle, so that is 3x<t=1,b=1>
+    assert oracle_configs(4, 3) == (C(1, 1, 3), C(1, 2, 2), C(1, 3, 1), C(2, 1, 3), C(2, 2, 2),
+                                    C(3, 1, 3), C(4, 1, 3))
+    eight = oracle_configs(4, 8)
+    assert eight == (C(1, 1, 8), C(1, 2, 4), C(1, 3, 3), C(1, 4, 2), C(2, 1, 8), C(2, 2, 4),
+                     C(3, 1, 8), C(4, 1, 8))
+    for cfg in eight:  # every one serves B on at most N cores, one batch per worker
+        assert cfg.threads * cfg.instances <= 4
+        assert cfg.instances * cfg.batch_size >= 8 > (cfg.instances - 1) * cfg.batch_size
+
+
+@pytest.mark.parametrize("cores", [2, 4])
+def test_packrat_and_baseline_configs_are_oracle_candidates(cores):
+    points = [ProfilePoint(t, b, 10.0 * b / t ** 0.6 + t) for t in range(1, cores + 1)
+              for b in (1, 2, 4, 8, 16)]
+    opt = Optimizer(Profile(tuple(points)), cores)
+    for batch in range(1, 17):
+        plan = plan_for_batch(opt, "m", "1", batch, tuple(range(cores)))
+        configs = oracle_configs(cores, batch)
+        assert Config(plan.threads, plan.instances, plan.batch_size) in configs
+        assert baseline_config(cores, batch) in configs
+        assert default_config(cores, batch) not in configs  # unpinned: not a Packrat config
+
+
+def test_rounds_windows_and_rows():
+    assert rotated([1, 2, 3], 0) == [1, 2, 3] and rotated([1, 2, 3], 4) == [2, 3, 1]
+    assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([5.0], 99) == 5.0
+    # sent before the window: not a latency sample; answered after it: not throughput
+    r = round_result([(0.0, 0.5), (1.0, 1.2), (1.5, 1.6), (1.9, 2.4)], 1.0, 2.0)
+    assert r.answered == 3 and r.p50_ms == pytest.approx(200.0)
+    assert r.throughput_rps == pytest.approx(2.0)
+
+    points = [ProfilePoint(1, 1, 10.0), ProfilePoint(1, 2, 20.0), ProfilePoint(2, 1, 6.0),
+              ProfilePoint(2, 2, 11.0)]
+    opt = Optimizer(Profile(tuple(points)), 2)
+
+    def rounds(*p50s):
+        return [RoundResult(p, p * 1.5, 100.0 / p, 10, 0, 1.0) for p in p50s]
+
+    measured = {C(1, 1, 2): rounds(25, 21, 22), C(1, 2, 1): rounds(12, 13, 30),
+                C(2, 1, 2): rounds(14, 12, 15), C(None, 2, 2): rounds(20, 20, 20)}
+    row = build_row("m", 2, 2, opt, C(1, 2, 1), measured, 10.0)
+    assert row["packrat"]["latency_ms"] == 13 and row["baseline"]["latency_ms"] == 14
+    assert row["oracle"]["plan"] == "2x<t=1,b=1>" and row["oracle"]["latency_ms"] == 13
+    assert row["torchserve_default"]["plan"] == "2x<unpinned,b=2>"
+    assert row["speedup"] == pytest.approx(14 / 13, abs=1e-4) and row["vs_oracle"] == 1.0
+    assert row["ideal_ms"] == 10.0 and row["baseline"]["predicted_ms"] == 11.0
+    json.dumps(row, allow_nan=False)
+
+
+ROW_KEYS = {"model", "batch", "packrat", "baseline", "torchserve_default", "oracle", "ideal_ms",
+            "speedup", "vs_oracle"}
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(shutil.which("java") is None or torchserve_command() is None,
+                    reason="needs Java 17 and torchserve")
+def test_bench_small_cnn_end_to_end(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PACKRAT_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "packrat.cli", "bench", "--zoo", "small-cnn", "--batch", "1,4",
+         "--rounds", "1", "--seconds", "1", "--json", "--out", str(out)],
+        check=False, capture_output=True, text=True, timeout=240, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout)
+    assert json.loads((out / "bench.json").read_text()) == rows
+    assert [(r["model"], r["batch"]) for r in rows] == [("small-cnn", 1), ("small-cnn", 4)]
+    for r in rows:
+        assert ROW_KEYS <= set(r), r.keys()
+        for key in ("packrat", "baseline", "torchserve_default", "oracle"):
+            e = r[key]
+            assert e["plan"] and e["latency_ms"] > 0 and e["p99_ms"] >= e["latency_ms"] * 0.999
+            assert e["throughput_rps"] > 0 and e["failed"] == 0
+        assert r["packrat"]["predicted_ms"] > 0 and r["baseline"]["predicted_ms"] > 0
+        assert r["ideal_ms"] > 0  # a bound from the profile: not comparable to measurements
+        servable = [c for c in r["configs"] if c["threads"] is not None]
+        assert {c["plan"] for c in servable} == {c.describe() for c in oracle_configs(r["cores"], r["batch"])}
+        assert all(r["oracle"]["latency_ms"] <= c["latency_ms"] for c in servable)
+        assert r["packrat"]["plan"] in {c["plan"] for c in servable}
+        assert r["vs_oracle"] >= 1.0 and math.isclose(
+            r["speedup"], r["baseline"]["latency_ms"] / r["packrat"]["latency_ms"], rel_tol=1e-3)
+    assert "round 1/1" in proc.stderr  # progress
+    assert server_processes(RunDir(out / "run").torchserve) == []
