@@ -26,7 +26,6 @@ has no spare core): its cost is part of every figure, as TorchServe's frontend i
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import logging
 import math
@@ -51,8 +50,6 @@ from packrat.torchserve import MAX_SOCKET_PATH
 
 log = logging.getLogger(__name__)
 
-HANDLER_FILE = "packrat_handler.py"
-HANDLER_SOURCE = Path(__file__).resolve().parents[1] / "handlers" / HANDLER_FILE
 DEFAULT_OUT = Path("bench-out")
 MAX_BATCH_DELAY_MS = 20
 PREDICTION_TOLERANCE = 0.15  # |predicted / measured - 1| above this is flagged
@@ -533,8 +530,8 @@ class _Bench:
     # -- versions
 
     def register(self, m: _Model, cfg: Config, batch: int) -> _Version:
+        from packrat.controller import deploy_version
         from packrat.policy import manual_plan
-        from packrat.torchserve import make_version_dir
 
         version = str(m.next_version)
         m.next_version += 1
@@ -544,76 +541,23 @@ class _Bench:
                                cfg.batch_size, self.cores)
             plan = replace(plan, predicted_ms=predicted_ms(m.opt, cfg, batch), for_batch=batch)
             self.run.write_plan(plan)
-        url = make_version_dir(m.base_dir, self.run.model_store, m.name, version)
-        dest = self.run.model_store / url
-        manifest = json.loads((dest / "MAR-INF" / "MANIFEST.json").read_text())
-        if manifest["model"].get("handler", "").split(":")[0] == HANDLER_FILE:
-            # Serve with this checkout's handler, whatever built the archive (as the controller).
-            target = dest / HANDLER_FILE
-            target.unlink(missing_ok=True)  # a hard link: never write through to the base
-            shutil.copyfile(HANDLER_SOURCE, target)
         est = estimated_ms(m.opt, cfg, batch)
         self.say(f"{self.elapsed()} {m.name} B={batch}: registering {cfg.describe()} as "
                  f"version {version}")
-        self.client.register(
-            url, model_name=m.name, batch_size=cfg.batch_size,
-            max_batch_delay_ms=self.options.max_batch_delay_ms, initial_workers=cfg.instances,
-            response_timeout_s=max(120, int(20 * est / 1000)),
-        )
-        v = _Version(cfg, version, plan)
-        self._check_workers(m, v)
-        self._warm(m, v)
-        return v
-
-    def _check_workers(self, m: _Model, v: _Version) -> None:
-        """Every worker is up; a pinned one holds a slot and runs on that slot's cores only."""
-        deadline = time.monotonic() + 30
-        while True:
-            info = [x for x in self.client.versions(m.name) if x.version == v.version]
-            pids = {w.pid for x in info for w in x.workers if w.pid}
-            ok = len(pids) >= v.config.instances
-            if ok and v.plan is not None:
-                slots = self.run.slot_pids(m.name, v.version)
-                ok = len(slots) >= v.config.instances and set(slots.values()) >= pids
-                if ok:
-                    for k, pid in slots.items():
-                        try:
-                            affinity = sorted(psutil.Process(pid).cpu_affinity())
-                        except psutil.Error:
-                            ok = False
-                            break
-                        if affinity != sorted(v.plan.slots[k]):
-                            raise PackratError(
-                                f"{m.name} version {v.version}: worker {pid} runs on cores "
-                                f"{affinity}, its slot {k} is {list(v.plan.slots[k])}")
-            if ok:
-                return
-            if time.monotonic() > deadline:
-                raise PackratError(
-                    f"{m.name} version {v.version} ({v.config.describe()}): {len(pids)} workers "
-                    f"up, {v.config.instances} expected; see {self.run.torchserve / 'logs'}")
-            time.sleep(0.1)
-
-    def _warm(self, m: _Model, v: _Version) -> None:
-        n = v.config.instances * v.config.batch_size
-        with concurrent.futures.ThreadPoolExecutor(max_workers=min(n, 64)) as pool:
-            for _ in range(2):
-                replies = list(pool.map(
-                    lambda _: self.client.predict(m.name, m.body, version=v.version,
-                                                  timeout_s=300), range(n)))
-                bad = [r.status_code for r in replies if r.status_code != 200]
-                if bad:
-                    raise PackratError(f"{m.name} version {v.version}: warm-up requests failed "
-                                       f"with HTTP {bad[:5]}: {replies[0].text[:200]}")
+        deploy_version(self.run, self.client, m.base_dir, m.name, version, plan,
+                       instances=cfg.instances, batch_size=cfg.batch_size,
+                       max_batch_delay_ms=self.options.max_batch_delay_ms, warm_body=m.body,
+                       response_timeout_s=max(120, int(20 * est / 1000)))
+        return _Version(cfg, version, plan)
 
     def unregister_all(self, m: _Model) -> None:
         """Delete every version of the model (the default last: TorchServe refuses it first)."""
+        from packrat.controller import remove_version_files
+
         versions = sorted(self.client.versions(m.name), key=lambda x: x.is_default)
         for x in versions:
             self.client.unregister(m.name, x.version)
-            shutil.rmtree(self.run.version_dir(m.name, x.version), ignore_errors=True)
-            shutil.rmtree(self.run.slot_dir(m.name, x.version), ignore_errors=True)
-            self.run.plan_file(m.name, x.version).unlink(missing_ok=True)
+            remove_version_files(self.run, m.name, x.version)
 
     # -- load
 

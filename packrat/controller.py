@@ -93,24 +93,8 @@ class Controller:
         self.models: dict[str, ModelRuntime] = {}
         self.stopping = threading.Event()
 
-    # -- versions ---------------------------------------------------------------------------
-
-    def _make_version_dir(self, m: ModelRuntime, version: str) -> str:
-        self._remove_version_files(m.name, version)  # a leftover of an interrupted switch
-        url = make_version_dir(m.base_dir, self.run.model_store, m.name, version)
-        dest = self.run.model_store / url
-        manifest = json.loads((dest / "MAR-INF" / "MANIFEST.json").read_text())
-        if manifest["model"].get("handler", "").split(":")[0] == HANDLER_FILE:
-            # Serve with the handler of this Packrat, whatever version built the archive.
-            target = dest / HANDLER_FILE
-            target.unlink(missing_ok=True)  # a hard link: never write through to the base
-            shutil.copyfile(Path(__file__).resolve().parents[1] / "handlers" / HANDLER_FILE, target)
-        return url
-
     def _remove_version_files(self, model: str, version: str) -> None:
-        shutil.rmtree(self.run.version_dir(model, version), ignore_errors=True)
-        shutil.rmtree(self.run.slot_dir(model, version), ignore_errors=True)
-        self.run.plan_file(model, version).unlink(missing_ok=True)
+        remove_version_files(self.run, model, version)
 
     # -- the switch -------------------------------------------------------------------------
 
@@ -122,25 +106,18 @@ class Controller:
                  old.describe() if old else "nothing", plan.describe(), version,
                  plan.predicted_ms, plan.for_batch)
         m.next_version = max(m.next_version, int(version) + 1)
-        registered = False
         try:
-            url = self._make_version_dir(m, version)
-            self.run.write_plan(plan)
-            self.client.register(
-                url, model_name=m.name,
-                batch_size=plan.batch_size, max_batch_delay_ms=self.params.max_batch_delay_ms,
-                initial_workers=plan.instances,
-            )
-            registered = True
-            self._check_workers(m, plan)
-            self._warm(m, plan)
+            deploy_version(self.run, self.client, m.base_dir, m.name, version, plan,
+                           instances=plan.instances, batch_size=plan.batch_size,
+                           max_batch_delay_ms=self.params.max_batch_delay_ms,
+                           warm_body=json.dumps(encode_example(m.spec)).encode())
             self.client.set_default(m.name, version)
         except (PackratError, OSError) as e:
-            if registered:
-                try:
+            try:
+                if any(v.version == version for v in self.client.versions(m.name)):
                     self.client.unregister(m.name, version)
-                except PackratError as e2:
-                    log.warning("%s: could not delete failed version %s: %s", m.name, version, e2)
+            except PackratError as e2:
+                log.warning("%s: could not delete failed version %s: %s", m.name, version, e2)
             self._remove_version_files(m.name, version)
             message = f"switch of {m.name} to {plan.describe()} failed: {e}"
             if old is not None:
@@ -161,34 +138,6 @@ class Controller:
         seconds = self.clock() - start
         log.info("%s: now serving %s (version %s) after %.1f s", m.name, plan.describe(), version, seconds)
         return SwitchResult(True, m.name, plan, seconds, f"{m.name} serves {plan.describe()} as version {version}")
-
-    def _check_workers(self, m: ModelRuntime, plan: ServedPlan) -> None:
-        """Every worker of the new version is up and holds a slot of its plan."""
-        deadline = self.clock() + 30
-        while True:
-            info = [v for v in self.client.versions(m.name) if v.version == plan.version]
-            pids = {w.pid for v in info for w in v.workers if w.pid}
-            slots = self.run.slot_pids(m.name, plan.version)
-            if len(pids) >= plan.instances and set(slots.values()) >= pids and len(slots) >= plan.instances:
-                return
-            if self.clock() > deadline:
-                raise PackratError(
-                    f"version {plan.version} has {len(pids)} workers and {len(slots)} claimed "
-                    f"slots, {plan.instances} expected; see {self.run.torchserve}/logs"
-                )
-            time.sleep(0.1)
-
-    def _warm(self, m: ModelRuntime, plan: ServedPlan) -> None:
-        """Full batches to every worker of the new version before it takes traffic."""
-        body = json.dumps(encode_example(m.spec)).encode()
-        n = plan.instances * plan.batch_size
-        with concurrent.futures.ThreadPoolExecutor(max_workers=min(n, 64)) as pool:
-            for _ in range(2):
-                replies = list(pool.map(
-                    lambda _: self.client.predict(m.name, body, version=plan.version), range(n)))
-                bad = [r.status_code for r in replies if r.status_code != 200]
-                if bad:
-                    raise PackratError(f"warm-up requests to version {plan.version} failed: {bad[:5]}")
 
     def _retire(self, m: ModelRuntime, old: ServedPlan) -> None:
         """Delete the old version once nothing is queued or running on it."""
@@ -339,9 +288,75 @@ class Controller:
         write_json(self.run.state_file, {"controller_pid": os.getpid(), "models": models})
 
 
-def _link_or_copy(src, dst):
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-    return dst
+# -- deploying one version (the controller's switches and the benchmark's configurations) --
+
+def deploy_version(run: RunDir, client: TorchServeClient, base_dir: Path, name: str,
+                   version: str, plan: ServedPlan | None, *, instances: int, batch_size: int,
+                   max_batch_delay_ms: int, warm_body: bytes, response_timeout_s: int = 120) -> None:
+    """Make the version's directory, write its plan (None: workers run unpinned), register it,
+    check that every worker runs (pinned ones on their slot's cores) and warm it with full
+    batches sent to it explicitly. It does not become the default. The caller cleans up a
+    failure (remove_version_files, unregister)."""
+    remove_version_files(run, name, version)  # a leftover of an interrupted switch
+    url = make_version_dir(base_dir, run.model_store, name, version)
+    dest = run.model_store / url
+    manifest = json.loads((dest / "MAR-INF" / "MANIFEST.json").read_text())
+    if manifest["model"].get("handler", "").split(":")[0] == HANDLER_FILE:
+        # Serve with the handler of this Packrat, whatever version built the archive.
+        target = dest / HANDLER_FILE
+        target.unlink(missing_ok=True)  # a hard link: never write through to the base
+        shutil.copyfile(Path(__file__).resolve().parents[1] / "handlers" / HANDLER_FILE, target)
+    if plan is not None:
+        run.write_plan(plan)  # before the workers start: they read it to claim a slot
+    client.register(url, model_name=name, batch_size=batch_size,
+                    max_batch_delay_ms=max_batch_delay_ms, initial_workers=instances,
+                    response_timeout_s=response_timeout_s)
+    _check_workers(run, client, name, version, plan, instances)
+    _warm(client, name, version, instances * batch_size, warm_body)
+
+
+def remove_version_files(run: RunDir, model: str, version: str) -> None:
+    shutil.rmtree(run.version_dir(model, version), ignore_errors=True)
+    shutil.rmtree(run.slot_dir(model, version), ignore_errors=True)
+    run.plan_file(model, version).unlink(missing_ok=True)
+
+
+def _check_workers(run, client, name, version, plan, instances, timeout_s: float = 30) -> None:
+    """Every worker is up; a pinned one holds a slot and runs on that slot's cores only."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = [v for v in client.versions(name) if v.version == version]
+        pids = {w.pid for v in info for w in v.workers if w.pid}
+        slots = run.slot_pids(name, version) if plan is not None else {}
+        ready = len(pids) >= instances and (
+            plan is None or (len(slots) >= instances and set(slots.values()) >= pids))
+        if ready:
+            for k, pid in slots.items():
+                try:
+                    cores = sorted(os.sched_getaffinity(pid))
+                except OSError:
+                    ready = False
+                    break
+                if cores != sorted(plan.slots[k]):
+                    raise PackratError(f"{name} version {version}: worker {pid} runs on cores "
+                                       f"{cores}, its slot {k} is {list(plan.slots[k])}")
+        if ready:
+            return
+        if time.monotonic() > deadline:
+            raise PackratError(
+                f"{name} version {version}: {len(pids)} workers and {len(slots)} claimed slots, "
+                f"{instances} expected; see {run.torchserve / 'logs'}"
+            )
+        time.sleep(0.1)
+
+
+def _warm(client, name: str, version: str, n: int, body: bytes) -> None:
+    """Two rounds of full batches to every worker of the version before it takes traffic."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(n, 64)) as pool:
+        for _ in range(2):
+            replies = list(pool.map(
+                lambda _: client.predict(name, body, version=version, timeout_s=300), range(n)))
+            bad = [r.status_code for r in replies if r.status_code != 200]
+            if bad:
+                raise PackratError(f"{name} version {version}: warm-up requests failed with "
+                                   f"HTTP {bad[:5]}: {replies[0].text[:200]}")

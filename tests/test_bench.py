@@ -103,7 +103,7 @@ def test_bench_small_cnn_end_to_end(tmp_path):
     env = {**os.environ, "PACKRAT_CACHE_DIR": str(tmp_path / "cache")}
     proc = subprocess.run(
         [sys.executable, "-m", "packrat.cli", "bench", "--zoo", "small-cnn", "--batch", "1,4",
-         "--rounds", "1", "--seconds", "1", "--json", "--out", str(out)],
+         "--rounds", "1", "--seconds", "1", "--quiet-wait", "0", "--json", "--out", str(out)],
         check=False, capture_output=True, text=True, timeout=240, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
