@@ -150,7 +150,7 @@ def test_controller_follows_load_from_1_to_8_clients(served):
     assert_pinned(one, 1, 2)
     load.set_concurrency(8)
     eight = wait_for(lambda: (lambda m: m if len(m["plan"]["instances"]) == 2 else None)(
-        status(run)["models"]["small-cnn"]), timeout=60, what="the controller to switch to 2 instances")
+        status(run)["models"]["small-cnn"]), timeout=120, what="the controller to switch to 2 instances")
     assert eight["estimated_batch"] >= 4
     assert_pinned(eight, 2, 1)
     assert eight["reconfigurations"] >= 1
