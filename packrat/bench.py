@@ -332,7 +332,7 @@ def _f(x, digits: int = 1) -> str:
 def plot_bench(rows: list[dict], path: Path) -> Path:
     """Per model: latency vs B for each configuration (log-x), and predicted vs measured
     packrat latency."""
-    from packrat.plot import _pyplot
+    from packrat.plot import _pyplot, save_figure
 
     plt = _pyplot()
     from matplotlib.ticker import FuncFormatter, NullFormatter
@@ -396,12 +396,7 @@ def plot_bench(rows: list[dict], path: Path) -> Path:
                   ylabel="measured p50 latency (ms, TorchServe)",
                   title="packrat plan: predicted vs measured")
         right.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # -- other processes ------------------------------------------------------------------------
@@ -813,28 +808,14 @@ def write_results(rows: list[dict], out: Path) -> Path:
 
 # -- command line ----------------------------------------------------------------------------
 
-def _batch_list(text: str) -> list[int]:
-    out: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            if "-" in part[1:]:
-                lo, hi = part.split("-", 1)
-                out.extend(range(int(lo), int(hi) + 1))
-            else:
-                out.append(int(part))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a list of integers like 1,2,4") from None
-    return out
-
-
 def add_parser(sub) -> argparse.ArgumentParser:
     """Add `bench` to the CLI's subparsers (it takes their parser class)."""
+    from packrat.cli import int_list
     b = sub.add_parser("bench", help="measure Packrat's plans against the baseline, TorchServe's "
                                      "default and the best measured configuration")
     b.add_argument("--zoo", required=True,
                    help="zoo model(s): small-cnn, resnet50, bert-base, gpt2 (comma-separated)")
-    b.add_argument("--batch", type=_batch_list, required=True,
+    b.add_argument("--batch", type=int_list, required=True,
                    help="batch sizes B (closed-loop clients), e.g. 1,2,4,8,16")
     b.add_argument("--json", action="store_true", help="print the rows as JSON")
     b.add_argument("--plot", help="write a PNG: latency vs B per configuration, predicted vs measured")

@@ -18,7 +18,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _int_list(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
     """`1,2,4` or `1-4` or a mix; every value an integer."""
     out: list[int] = []
     for part in text.split(","):
@@ -334,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("profile", help="measure latency per threads x batch (cached)")
     pr.add_argument("archive", help="a .mar file (or an unpacked archive directory)")
-    pr.add_argument("--threads", type=_int_list,
+    pr.add_argument("--threads", type=int_list,
                     help="thread counts, e.g. 1,2,4 or 1-8 (default: 1..N, or powers of two and N "
                          "above 16 cores)")
     pr.add_argument("--max-batch", type=int, default=32, help="largest batch (default 32)")
@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--profile", required=True, help="profile CSV (packrat or published format)")
     pl.add_argument("--cores", type=int,
                     help="cores N to plan for (default: the cores this process may use here)")
-    pl.add_argument("--batch", type=_int_list, required=True, help="batch size(s) B, e.g. 8,16")
+    pl.add_argument("--batch", type=int_list, required=True, help="batch size(s) B, e.g. 8,16")
     pl.add_argument("--json", action="store_true", help="print JSON")
     pl.add_argument("--format", default="auto", choices=["auto", "packrat", "pytorch", "torchserve"],
                     help="profile format (default: detected from the header)")

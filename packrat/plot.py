@@ -58,6 +58,11 @@ def plot_profile(profile: Profile, cores: int, path: Path, title: str = "") -> P
     right.legend()
     if title:
         fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> Path:
+    plt = _pyplot()
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
