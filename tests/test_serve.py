@@ -151,7 +151,9 @@ def test_controller_follows_load_from_1_to_8_clients(served):
     load.set_concurrency(8)
     eight = wait_for(lambda: (lambda m: m if len(m["plan"]["instances"]) == 2 else None)(
         status(run)["models"]["small-cnn"]), timeout=120, what="the controller to switch to 2 instances")
-    assert eight["estimated_batch"] >= 4
+    # B is what TorchServe holds at once: 8 with an idle machine; less when the clients, which
+    # run on the same 2 cores, are starved. Either way the plan for B >= 2 is two workers.
+    assert eight["estimated_batch"] >= 2
     assert_pinned(eight, 2, 1)
     assert eight["reconfigurations"] >= 1
     result = load.stop()
