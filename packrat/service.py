@@ -167,7 +167,9 @@ def _serve(options: ServeOptions, say) -> None:
         for s, h in old_handlers.items():
             signal.signal(s, h)
         if server is not None:
-            say("stopping TorchServe")
+            # log, not say: stderr may be a pipe whose reader is gone, and a failed write
+            # here must not leave TorchServe running
+            log.info("stopping TorchServe")
             stop_server(server)
         _clear_versions(run)
         lock.release()

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -101,11 +102,17 @@ ROW_KEYS = {"model", "batch", "packrat", "baseline", "torchserve_default", "orac
 def test_bench_small_cnn_end_to_end(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PACKRAT_CACHE_DIR": str(tmp_path / "cache")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "packrat.cli", "bench", "--zoo", "small-cnn", "--batch", "1,4",
-         "--rounds", "1", "--seconds", "1", "--quiet-wait", "0", "--json", "--out", str(out)],
-        check=False, capture_output=True, text=True, timeout=240, env=env,
-    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "packrat.cli", "bench", "--zoo", "small-cnn", "--batch", "1,4",
+             "--rounds", "1", "--seconds", "1", "--quiet-wait", "0", "--json", "--out", str(out)],
+            check=False, capture_output=True, text=True, timeout=240, env=env,
+        )
+    except subprocess.TimeoutExpired:
+        # the bench was killed: its TorchServe would outlive the test
+        for pid in server_processes(RunDir(out / "run").torchserve):
+            os.kill(pid, signal.SIGKILL)
+        raise
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(proc.stdout)
     assert json.loads((out / "bench.json").read_text()) == rows
