@@ -71,6 +71,10 @@ def should_switch(current: ServedPlan | None, target: ServedPlan, opt: Optimizer
         return True
     if target.same_shape(current):
         return False
+    if current.instances * current.batch_size < batch <= target.instances * target.batch_size:
+        # The live plan needs several rounds for B; the profile has no figure for the queueing
+        # and per-batch costs between rounds, so its prediction is too kind: serve B in one.
+        return True
     now = served_latency(opt, current.threads, current.instances, current.batch_size, batch)
     new = served_latency(opt, target.threads, target.instances, target.batch_size, batch)
     if math.isinf(now):

@@ -47,9 +47,19 @@ def test_should_switch_needs_enough_gain():
     four = plan_for_batch(OPT, "m", "2", 4, CORES)
     assert should_switch(None, one, OPT, 1)
     assert not should_switch(one, plan_for_batch(OPT, "m", "9", 1, CORES), OPT, 1)  # same shape
-    assert should_switch(one, four, OPT, 4)  # 14 ms -> 10 ms
-    assert not should_switch(one, four, OPT, 4, PolicyParams(min_gain=0.5))
+    whole = manual_plan(OPT, "m", "3", 1, 4, 4, CORES)  # serves B = 4 in one round: 14 ms
+    assert should_switch(whole, four, OPT, 4)  # 14 ms -> 10 ms
+    assert not should_switch(whole, four, OPT, 4, PolicyParams(min_gain=0.5))
     assert not should_switch(four, one, OPT, 4)
+
+
+def test_a_plan_that_needs_several_rounds_for_b_is_replaced():
+    # one 4-thread instance of batch 1 is predicted at 4 x 4 ms = 16 ms for B = 4 (four rounds),
+    # faster on paper than two 2-thread instances of batch 2 at 11 ms each... but not served in one round
+    one = plan_for_batch(OPT, "m", "1", 1, CORES)
+    two = manual_plan(OPT, "m", "2", 2, 2, 2, CORES)
+    assert served_latency(OPT, 4, 1, 1, 4) == 16.0
+    assert should_switch(one, two, OPT, 4, PolicyParams(min_gain=0.9))
 
 
 def test_manual_plan_checks_cores():
