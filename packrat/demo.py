@@ -91,18 +91,20 @@ def run_demo(zoo: str, out: Path, phases: list[tuple[int, float]], baseline_s: f
         for clients, seconds in phases:
             say(f"{elapsed()} phase: {clients} concurrent clients for {seconds:.0f} s")
             load.set_concurrency(clients)
-            mark = len(load.result.latencies_ms)
+            mark = settled = len(load.result.latencies_ms)
+            switches = status(run)["models"][zoo]["reconfigurations"]
             end = time.monotonic() + seconds
             while time.monotonic() < end:
                 time.sleep(min(5.0, max(0.1, end - time.monotonic())))
                 m = status(run)["models"][zoo]
+                if m["reconfigurations"] != switches:  # count only the plan the phase ends on
+                    switches, settled = m["reconfigurations"], len(load.result.latencies_ms)
                 window = load.result.latencies_ms[mark:]
                 say(f"{elapsed()}   B estimate {m['estimated_batch']:>3}, serving "
                     f"{_plan_text(m)}, {m['reconfigurations']} reconfigurations, "
                     f"client p50 {_fmt(_p50(window[-200:]))}")
-            # the last half of the phase is the controller's settled plan
-            window = load.result.latencies_ms[mark:]
-            packrat_ms = _p50(window[len(window) // 2:])
+            window = load.result.latencies_ms[settled:] or load.result.latencies_ms[mark:]
+            packrat_ms = _p50(window)
             plan = _plan_text(status(run)["models"][zoo])
             if plan == f"1x<t={cores},b={clients}>":  # Packrat serves the baseline itself
                 results.append(PhaseResult(clients, plan, packrat_ms, packrat_ms))
