@@ -255,7 +255,9 @@ class Controller:
             version = str(m.next_version)
             if request.get("auto"):
                 m.auto = True
-                m.retry_at = 0.0
+                # watch the load for as long as the estimator needs to follow a step before
+                # deciding: the estimate may still describe the load of the manual period
+                m.retry_at = self.clock() + (self.params.estimator.patience + 1) * self.params.interval_s
                 self.save_state()
                 return SwitchResult(True, name, m.plan, 0.0, f"{name}: automatic reconfiguration on")
             if request.get("for_batch") is not None:
