@@ -257,7 +257,8 @@ class Controller:
                 m.auto = True
                 # watch the load for as long as the estimator needs to follow a step before
                 # deciding: the estimate may still describe the load of the manual period
-                m.retry_at = self.clock() + (self.params.estimator.patience + 1) * self.params.interval_s
+                est = self.params.estimator  # the median window fills, then patience runs
+                m.retry_at = self.clock() + (est.window + est.patience + 1) * self.params.interval_s
                 self.save_state()
                 return SwitchResult(True, name, m.plan, 0.0, f"{name}: automatic reconfiguration on")
             if request.get("for_batch") is not None:
