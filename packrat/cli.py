@@ -228,7 +228,10 @@ def cmd_status(args) -> int:
         return 0
     if not report["controller_pid"]:
         print("no packrat controller runs on this run directory; its last state:")
-    print(f"controller pid {report['controller_pid'] or '-'}, TorchServe pid {report['torchserve_pid'] or '-'}")
+    print(f"controller pid {report['controller_pid'] or '-'}, TorchServe pid {report['torchserve_pid'] or '-'}"
+          + (f", restarted {report['torchserve_restarts']} times" if report["torchserve_restarts"] else ""))
+    if report["torchserve_event"]:
+        print(f"  {report['torchserve_event']}")
     for name, m in report["models"].items():
         last = m["last_reconfiguration_s"]
         print(f"{name}: version {m['version']}, estimated B = {m['estimated_batch']}, "

@@ -28,7 +28,7 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -38,7 +38,9 @@ from packrat.modelspec import ModelSpec, encode_example
 from packrat.optimizer import Optimizer
 from packrat.policy import PolicyParams, manual_plan, plan_for_batch, should_switch
 from packrat.rundir import RunDir, ServedPlan, read_json, write_json
-from packrat.torchserve import TorchServeClient, make_version_dir, worker_cpu_seconds
+from packrat.torchserve import (
+    ServerProcess, TorchServeClient, is_running, make_version_dir, stop_server, worker_cpu_seconds,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +88,21 @@ class SwitchResult:
 
 
 class Controller:
+    """server and restart_server: the TorchServe this controller watches and how to start it
+    again (None: nothing is watched, as in tests of the switch alone)."""
+
     def __init__(self, run: RunDir, client: TorchServeClient, params: ControllerParams = ControllerParams(),
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 server: ServerProcess | None = None,
+                 restart_server: Callable[[], ServerProcess] | None = None):
         self.run, self.client, self.params = run, client, params
         self.clock, self.wall = clock, wall
         self.models: dict[str, ModelRuntime] = {}
         self.stopping = threading.Event()
+        self.server, self.restart_server = server, restart_server
+        self.server_restarts = 0
+        self.server_event: str | None = None  # the last thing that happened to TorchServe
+        self.server_retry_at = 0.0
 
     def _remove_version_files(self, model: str, version: str) -> None:
         remove_version_files(self.run, model, version)
@@ -206,7 +217,57 @@ class Controller:
 
     # -- the loop ---------------------------------------------------------------------------
 
+    # -- a dead TorchServe -----------------------------------------------------------------
+
+    def server_up(self) -> bool:
+        """True if TorchServe runs. A frontend that died (killed, out of memory) takes its
+        workers with it; restart it with the same settings and register every model's plan
+        again, as a new version (the old one's files and slots are stale)."""
+        if self.server is None or self.restart_server is None or is_running(self.server):
+            return True
+        if self.clock() < self.server_retry_at:
+            return False
+        dead = self.server.frontend_pid
+        self.server_event = (f"TorchServe frontend (pid {dead}) exited at {_hms(self.wall())}; "
+                             "restarting it")
+        log.error("%s", self.server_event)
+        self.save_state()
+        try:
+            stop_server(self.server)  # what is left of it: workers still holding slot locks
+            self.server = self.restart_server()
+        except PackratError as e:
+            self.server_event = (f"TorchServe frontend (pid {dead}) exited and could not be "
+                                 f"restarted: {e}; retrying in {self.params.retry_after_s:.0f} s")
+            log.error("%s", self.server_event)
+            self.server_retry_at = self.clock() + self.params.retry_after_s
+            self.save_state()
+            return False
+        self.server_restarts += 1
+        restored = []
+        for m in self.models.values():
+            old, m.plan = m.plan, None
+            if old is not None:
+                remove_version_files(self.run, m.name, old.version)
+                plan = replace(old, version=str(m.next_version))
+            else:
+                try:
+                    plan = plan_for_batch(m.optimizer, m.name, str(m.next_version),
+                                          m.estimator.estimate, m.cores)
+                except PlanError as e:
+                    m.last_error = str(e)
+                    continue
+            if self.switch(m, plan).ok:
+                restored.append(f"{m.name} {plan.describe()}")
+        self.server_event = (f"TorchServe frontend (pid {dead}) exited at {_hms(self.wall())}; "
+                             f"restarted as pid {self.server.frontend_pid}, serving "
+                             f"{', '.join(restored) or 'nothing (see last_error)'}")
+        log.warning("%s", self.server_event)
+        self.save_state()
+        return True
+
     def step(self) -> None:
+        if not self.server_up():
+            return
         self.handle_requests()
         try:
             metrics = self.client.metrics()
@@ -288,7 +349,14 @@ class Controller:
                 "last_error": m.last_error,
                 "cores": list(m.cores),
             }
-        write_json(self.run.state_file, {"controller_pid": os.getpid(), "models": models})
+        write_json(self.run.state_file, {
+            "controller_pid": os.getpid(), "models": models,
+            "torchserve_restarts": self.server_restarts, "torchserve_event": self.server_event,
+        })
+
+
+def _hms(unix: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(unix))
 
 
 # -- deploying one version (the controller's switches and the benchmark's configurations) --

@@ -153,7 +153,8 @@ def _serve(options: ServeOptions, say) -> None:
                 f"metrics http://127.0.0.1:{settings.ports.metrics} (token: "
                 f"{run.torchserve / 'key_file.json'})")
         client = TorchServeClient(settings)
-        controller = Controller(run, client, options.controller)
+        controller = Controller(run, client, options.controller, server=server,
+                                restart_server=lambda: start_server(settings))
         for m in runtimes:
             controller.models[m.name] = m
             _adopt_or_start(controller, m, options.initial_batch, say)
@@ -166,6 +167,8 @@ def _serve(options: ServeOptions, say) -> None:
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
+        if controller is not None:
+            server = controller.server  # it may have restarted TorchServe
         if server is not None:
             # log, not say: stderr may be a pipe whose reader is gone, and a failed write
             # here must not leave TorchServe running
@@ -328,5 +331,7 @@ def status(run_dir: Path) -> dict:
     return {
         "controller_pid": controller_pid(run),
         "torchserve_pid": server.frontend_pid if server else None,
+        "torchserve_restarts": state.get("torchserve_restarts", 0),
+        "torchserve_event": state.get("torchserve_event"),
         "models": models,
     }

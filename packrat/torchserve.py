@@ -426,6 +426,14 @@ def find_server(workdir: Path) -> ServerProcess | None:
     return None
 
 
+def is_running(proc: ServerProcess) -> bool:
+    """True while the frontend of proc is alive (a cheap check of one pid)."""
+    try:
+        return _is_frontend_of(psutil.Process(proc.frontend_pid), Path(proc.workdir))
+    except psutil.Error:
+        return False
+
+
 def server_processes(workdir: Path) -> list[int]:
     """Pids of every live process of the server of workdir: the torchserve launcher, the
     java frontend and the Python workers (zombies are left out)."""

@@ -1,0 +1,220 @@
+"""What production does to a server, on a real TorchServe (loopback, token auth on) serving
+small-cnn: a worker SIGKILLed under load, the frontend SIGKILLed, management calls that fail
+during a switch, the controller killed and started again."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from packrat.archive import build_zoo_archive, extract_archive
+from packrat.controller import Controller, ControllerParams, ModelRuntime
+from packrat.errors import TorchServeError
+from packrat.loadgen import ClosedLoop
+from packrat.modelspec import ModelSpec
+from packrat.optimizer import Optimizer
+from packrat.policy import manual_plan
+from packrat.profile import read_profile
+from packrat.rundir import RUN_DIR_ENV, RunDir
+from packrat.service import status as service_status
+from packrat.torchserve import (
+    Ports, ServerSettings, TorchServeClient, find_server, load_settings, server_processes,
+    start_server, stop_server,
+)
+from tests.test_serve import CORES, PROFILE, assert_pinned, load_for, packrat, served, status, wait_for  # noqa: F401
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(len(CORES) < 2, reason="needs 2 cores")]
+
+
+def frontends(run):
+    return [p for p in server_processes(RunDir(run).torchserve)
+            if "org.pytorch.serve.ModelServer" in " ".join(psutil.Process(p).cmdline())]
+
+
+def test_worker_killed_under_load_is_replaced_on_its_cores(served):
+    proc, run, example = served
+    out = packrat("reconfigure", "--run-dir", run, "--model", "small-cnn",
+                  "--instances", 2, "--threads", 1, "--batch", 2)
+    assert out.returncode == 0, out.stderr
+    before = status(run)["models"]["small-cnn"]
+    assert_pinned(before, 2, 1)
+    victim = before["plan"]["instances"][0]
+    load = load_for(run, example)
+    load.set_concurrency(4)
+    time.sleep(2)
+    os.kill(victim["pid"], signal.SIGKILL)
+    killed_at = time.monotonic()
+
+    def replaced():
+        now = status(run)["models"]["small-cnn"]
+        pid = now["plan"]["instances"][0]["pid"]
+        return now if pid and pid != victim["pid"] else None
+
+    after = wait_for(replaced, timeout=60, what="a new worker in the killed worker's slot")
+    print(f"new worker {after['plan']['instances'][0]['pid']} in slot 0 after "
+          f"{time.monotonic() - killed_at:.1f} s")
+    assert after["version"] == before["version"]
+    assert_pinned(after, 2, 1)  # the same cores as the slot it took over, disjoint
+    assert after["plan"]["instances"][0]["cores"] == victim["cores"]
+    assert after["plan"]["instances"][1]["pid"] == before["plan"]["instances"][1]["pid"]
+    time.sleep(2)  # the new worker serves
+    result = load.stop()
+    print(f"{result.answered} answered, failed: {result.failures}")
+    # at most the killed worker's own batch (b = 2) fails; nothing goes unanswered
+    assert len(result.failures) <= 2, result.failures
+    assert result.unanswered == []
+    assert result.answered > 0
+
+
+def test_frontend_killed_is_restarted_and_serves_the_plan_again(served):
+    proc, run, example = served
+    before = status(run)
+    old_pid = before["torchserve_pid"]
+    os.kill(old_pid, signal.SIGKILL)
+
+    def restored():
+        now = status(run)
+        m = now["models"]["small-cnn"]
+        ok = (now["torchserve_pid"] not in (None, old_pid) and now["torchserve_restarts"] == 1
+              and m["version"] != before["models"]["small-cnn"]["version"]
+              and all(i["pid"] for i in m["plan"]["instances"]))
+        return now if ok else None
+
+    after = wait_for(restored, timeout=120, what="the controller to restart TorchServe")
+    assert f"pid {old_pid}) exited" in after["torchserve_event"], after["torchserve_event"]
+    assert "restarted as pid" in after["torchserve_event"]
+    assert_pinned(after["models"]["small-cnn"], 1, 2)  # the same plan as before
+    assert len(frontends(run)) == 1
+    client = TorchServeClient(load_settings(RunDir(run).torchserve))  # new keys, same ports
+    assert client.predict("small-cnn", example.read_bytes()).status_code == 200
+    assert proc.poll() is None
+    text = packrat("status", "--run-dir", run)
+    assert "restarted 1 times" in text.stdout and "exited at" in text.stdout
+    assert "restarting it" in (run / "packrat.log").read_text()
+
+
+def test_killed_controller_is_adopted_without_losing_requests(served, tmp_path):
+    proc, run, example = served
+    before = status(run)
+    pids_before = sorted(server_processes(RunDir(run).torchserve))
+    load = load_for(run, example)
+    load.set_concurrency(2)
+    proc.kill()  # SIGKILL: no cleanup, TorchServe keeps serving without its controller
+    proc.wait(timeout=30)
+    time.sleep(1)
+    mar = run.parent / "archives" / "small-cnn.mar"
+    args = [sys.executable, "-m", "packrat.cli", "serve", "--run-dir", run, "--models",
+            f"small-cnn={mar}", "--profiles", f"small-cnn={run.parent / 'small.csv'}",
+            "--interval", "0.5"]
+    log = open(tmp_path / "serve2.log", "w")
+    again = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: "adopted version" in (tmp_path / "serve2.log").read_text(),
+                 what="the second controller to adopt the server")
+        wait_for(lambda: status(run)["controller_pid"] == again.pid, what="the new controller's state")
+        after = status(run)
+        assert after["torchserve_pid"] == before["torchserve_pid"]  # no second TorchServe
+        assert sorted(server_processes(RunDir(run).torchserve)) == pids_before  # same workers
+        assert after["models"]["small-cnn"]["version"] == before["models"]["small-cnn"]["version"]
+        versions = TorchServeClient(load_settings(RunDir(run).torchserve)).versions("small-cnn")
+        assert [v.version for v in versions] == [before["models"]["small-cnn"]["version"]]
+        result = load.stop()
+        assert result.failures == [] and result.unanswered == [] and result.answered > 0
+    finally:
+        load.stop()
+        out = packrat("stop", "--run-dir", run)
+        assert out.returncode == 0, out.stderr
+        again.wait(timeout=60)
+        log.close()
+        print((tmp_path / "serve2.log").read_text())
+    assert server_processes(RunDir(run).torchserve) == []
+
+
+# -- failing management calls during a switch (in-process controller, real TorchServe) ------
+
+class FaultyClient(TorchServeClient):
+    """The real client, with one management call made to fail the way TorchServe can."""
+
+    fault: str = ""
+
+    def register(self, url, **kw):
+        if self.fault == "refused":  # TorchServe refuses it: no such model directory
+            return super().register("no-such-model-dir", **kw)
+        if self.fault == "timeout":  # the workers do not start in time for the caller
+            return super().register(url, **{**kw, "timeout_s": 0.05})
+        return super().register(url, **kw)
+
+    def set_default(self, name, version):
+        if self.fault == "500":
+            raise TorchServeError(f"PUT /models/{name}/{version}/set-default -> 500: "
+                                  "Internal Server Error (injected)")
+        return super().set_default(name, version)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("faults")
+    run = RunDir(tmp / "run").create()
+    mar = build_zoo_archive("small-cnn", tmp / "archives").mar_path
+    (tmp / "p.csv").write_text(PROFILE)
+    settings = ServerSettings(workdir=run.torchserve, model_store=run.model_store,
+                              ports=Ports.free(), env=((RUN_DIR_ENV, str(run.path)),))
+    server = start_server(settings)
+    try:
+        client = FaultyClient(load_settings(run.torchserve))
+        controller = Controller(run, client, ControllerParams(interval_s=0.5))
+        base = extract_archive(mar, run.path / "archives" / "small-cnn")
+        m = ModelRuntime(name="small-cnn", base_dir=base, cores=tuple(CORES[:2]),
+                         optimizer=Optimizer(read_profile(tmp / "p.csv"), 2),
+                         spec=ModelSpec.load(base))
+        controller.models[m.name] = m
+        first = manual_plan(m.optimizer, m.name, "1", 2, 1, 1, m.cores)
+        assert controller.switch(m, first).ok
+        yield controller, m, (tmp / "archives" / "small-cnn.example.json").read_bytes()
+    finally:
+        stop_server(server)
+        assert find_server(run.torchserve) is None
+
+
+@pytest.mark.parametrize("fault", ["refused", "timeout", "500"])
+def test_failed_switch_rolls_back_and_loses_nothing(live, fault):
+    controller, m, body = live
+    client = controller.client
+    old = m.plan
+    load = ClosedLoop(lambda: client.predict(m.name, body, timeout_s=60), timeout_s=60)
+    load.set_concurrency(3)
+    time.sleep(1)
+    client.fault = fault
+    try:
+        target = manual_plan(m.optimizer, m.name, str(m.next_version), 1, 2, 2, m.cores)
+        result = controller.switch(m, target)
+    finally:
+        client.fault = ""
+    time.sleep(1)
+    answered = load.stop()
+    print(f"{fault}: {result.message}; {answered.answered} requests answered meanwhile")
+    assert not result.ok
+    assert f"version {old.version} ({old.describe()}) keeps serving" in result.message
+    assert m.plan == old and m.last_error == result.message
+    # the failed version is gone from TorchServe and from the run directory; the old serves
+    wait_for(lambda: [v.version for v in client.versions(m.name)] == [old.version],
+             timeout=60, what="the failed version to be deleted")
+    assert not controller.run.version_dir(m.name, target.version).exists()
+    assert controller.run.read_plan(m.name, target.version) is None
+    assert answered.failures == [] and answered.unanswered == [] and answered.answered > 0
+    controller.save_state()
+    reported = service_status(controller.run.path)["models"][m.name]
+    assert reported["last_error"] == result.message and reported["version"] == old.version
+    m.retry_at = 0.0
+    # and the next switch works
+    again = manual_plan(m.optimizer, m.name, str(m.next_version), 1, 2, 1, m.cores)
+    assert controller.switch(m, again).ok, m.last_error
+    back = manual_plan(m.optimizer, m.name, str(m.next_version), 2, 1, 1, m.cores)
+    assert controller.switch(m, back).ok, m.last_error
+    assert json.loads(controller.run.state_file.read_text())["models"][m.name]["last_error"] is None
