@@ -587,6 +587,7 @@ def _render_config(settings: ServerSettings) -> Path:
             grpc_inference_port=settings.ports.grpc_inference,
             grpc_management_port=settings.ports.grpc_management,
             model_store=settings.model_store,
+            allowed_urls=_store_url_pattern(settings.model_store),
             log4j_config=log4j,
         )
     except (OSError, KeyError, IndexError, ValueError) as e:
@@ -607,6 +608,16 @@ def _render_config(settings: ServerSettings) -> Path:
     config = workdir / CONFIG_FILE
     config.write_text(_set_properties(text, overrides))
     return config
+
+
+def _store_url_pattern(store: Path) -> str:
+    """allowed_urls for file URLs inside the model store only, as a properties value: Java
+    regex quoting \\Q..\\E (a backslash is doubled in a properties file); TorchServe splits
+    the list on commas."""
+    text = str(store)
+    if "," in text or "\\" in text:
+        raise TorchServeError(f"model store path {text!r} may not contain ',' or '\\'; use another")
+    return f"file://\\\\Q{text}\\\\E/.*"
 
 
 def _set_properties(text: str, overrides: dict[str, str]) -> str:
@@ -712,7 +723,7 @@ def make_version_dir(source: Path, model_store: Path, name: str, version: str) -
     source = Path(source)
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{dirname}-", dir=model_store))
-        staging.chmod(0o755)
+        # mkdtemp's 0700 stays: only this user's TorchServe reads it
     except OSError as e:
         raise TorchServeError(f"cannot make {dest}: {e}; check the model store") from None
     try:

@@ -12,7 +12,7 @@ def test_templates_render_with_str_format():
     # Whoever renders them uses str.format with exactly these keys.
     keys = {
         "inference_port", "management_port", "metrics_port", "grpc_inference_port",
-        "grpc_management_port", "model_store", "log4j_config",
+        "grpc_management_port", "model_store", "allowed_urls", "log4j_config",
     }
     assert placeholders(CONFIG / "config.properties.template") == keys
     text = (CONFIG / "config.properties.template").read_text().format(**{k: "X" for k in keys})
