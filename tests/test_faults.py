@@ -26,7 +26,7 @@ from packrat.torchserve import (
     Ports, ServerSettings, TorchServeClient, find_server, load_settings, server_processes,
     start_server, stop_server,
 )
-from tests.test_serve import CORES, PROFILE, assert_pinned, load_for, packrat, served, status, wait_for  # noqa: F401
+from tests.serving import CORES, PROFILE, assert_pinned, load_for, packrat, status, wait_for
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(len(CORES) < 2, reason="needs 2 cores")]

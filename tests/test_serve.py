@@ -1,102 +1,13 @@
 """`packrat serve` on a real TorchServe (loopback, token auth on) with small-cnn: lossless
 switches under load, pinned workers, automatic reconfiguration, stop."""
 
-import json
-import subprocess
-import sys
 import time
 
 import pytest
 
-from packrat.archive import build_zoo_archive
-from packrat.cpus import usable_cores
-from packrat.loadgen import ClosedLoop
-from packrat.rundir import RunDir
-from packrat.torchserve import TorchServeClient, load_settings, server_processes
+from tests.serving import CORES, assert_pinned, load_for, packrat, status, wait_for
 
 pytestmark = pytest.mark.integration
-
-CORES = usable_cores()
-# A profile written for the test, so plans are known: with 2 cores, one 2-thread instance is
-# best for B = 1 and two 1-thread instances of batch B/2 for B >= 2.
-PROFILE = """threads,batch,latency_ms
-1,1,3.5
-1,2,7.0
-1,4,14.0
-1,8,28.0
-2,1,2.0
-2,2,4.0
-2,4,8.0
-2,8,16.0
-"""
-
-
-def packrat(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "packrat.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def status(run):
-    out = packrat("status", "--run-dir", run, "--json")
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
-
-
-def wait_for(predicate, timeout=90, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def assert_pinned(model_status, instances, threads):
-    plan = model_status["plan"]["instances"]
-    assert len(plan) == instances
-    seen = set()
-    for inst in plan:
-        assert inst["pid"], inst
-        assert inst["threads"] == threads
-        assert inst["cores"] == inst["planned_cores"], inst  # /proc/PID/status Cpus_allowed_list
-        assert not seen & set(inst["cores"])  # disjoint
-        seen |= set(inst["cores"])
-    assert seen <= set(CORES)
-
-
-@pytest.fixture
-def served(tmp_path):
-    archives = tmp_path / "archives"
-    mar = build_zoo_archive("small-cnn", archives).mar_path
-    profile = tmp_path / "small.csv"
-    profile.write_text(PROFILE)
-    run = tmp_path / "run"
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "packrat.cli", "serve", "--run-dir", run, "--models",
-         f"small-cnn={mar}", "--profiles", f"small-cnn={profile}", "--interval", "0.5"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for(lambda: (run / "state.json").is_file() and status(run)["models"]["small-cnn"]["version"],
-                 what="packrat serve to register small-cnn")
-        yield proc, run, archives / "small-cnn.example.json"
-    finally:
-        if proc.poll() is None:
-            stop = packrat("stop", "--run-dir", run)
-            assert stop.returncode == 0, stop.stderr
-        proc.wait(timeout=60)
-        log.close()
-        print((tmp_path / "serve.log").read_text())
-        assert server_processes(RunDir(run).torchserve) == []
-
-
-def load_for(run, example):
-    client = TorchServeClient(load_settings(RunDir(run).torchserve))
-    body = example.read_bytes()
-    return ClosedLoop(lambda: client.predict("small-cnn", body, timeout_s=60), timeout_s=60)
-
 
 @pytest.mark.skipif(len(CORES) < 2, reason="needs 2 cores")
 def test_manual_switches_under_load_lose_nothing(served):

@@ -1,0 +1,98 @@
+"""Calibration: the pure scaling (it flips ResNet-50's plan for B = 8 the way serving
+measured it) and calibrate() through a real TorchServe."""
+
+import itertools
+
+import pytest
+
+from packrat.archive import build_zoo_archive, extract_archive
+from packrat.calibration import (
+    Calibration, CalibrationPoint, calibrate, calibration_batch, calibration_path,
+    load_calibration, save_calibration, scale_profile,
+)
+from packrat.cpus import usable_cores
+from packrat.optimizer import Optimizer
+from packrat.policy import plan_for_batch
+from packrat.profile import Profile, ProfilePoint
+from packrat.rundir import RUN_DIR_ENV, RunDir
+from packrat.torchserve import (
+    Ports, ServerSettings, TorchServeClient, find_server, start_server, stop_server,
+)
+
+# ResNet-50 on the 2-core VM, measured in isolation (packrat profile, 2026-11-23)
+RESNET_2CORE = Profile(tuple(ProfilePoint(t, b, ms) for t, b, ms in [
+    (1, 1, 118.38), (1, 2, 253.75), (1, 4, 547.70), (1, 8, 1069.01), (1, 16, 2780.17),
+    (2, 1, 69.93), (2, 2, 135.18), (2, 4, 302.19), (2, 8, 536.33), (2, 16, 1458.16),
+]))
+# what `packrat bench` measured through TorchServe for the two plans of B = 8
+SERVED = Calibration((CalibrationPoint(2, 1, 8, 536.33, 656.5),
+                      CalibrationPoint(1, 2, 4, 547.70, 578.1)))
+
+
+def test_scale_profile_multiplies_each_row_by_its_scale():
+    scaled = scale_profile(RESNET_2CORE, SERVED)
+    t = scaled.table()
+    assert t[2][8] == pytest.approx(656.5)
+    assert t[1][4] == pytest.approx(578.1)
+    assert t[2][1] == pytest.approx(69.93 * 656.5 / 536.33)
+    assert t[1][16] == pytest.approx(2780.17 * 578.1 / 547.70)
+    one_row = Calibration((SERVED.points[0],))
+    assert scale_profile(RESNET_2CORE, one_row).table()[1] == RESNET_2CORE.table()[1]
+
+
+def test_calibration_flips_resnet_plan_for_b8_to_what_serving_measured():
+    raw = plan_for_batch(Optimizer(RESNET_2CORE, 2), "r", "1", 8, (0, 1))
+    assert raw.describe() == "1x<t=2,b=8>"  # 536 ms predicted, 656 served
+    cal = plan_for_batch(Optimizer(scale_profile(RESNET_2CORE, SERVED), 2), "r", "1", 8, (0, 1))
+    assert cal.describe() == "2x<t=1,b=4>"  # 578 ms served: the measured oracle
+    assert cal.predicted_ms == pytest.approx(578.1)
+
+
+def test_calibration_batch_sizes_plans_for_the_target():
+    assert calibration_batch(RESNET_2CORE, 2, 1, 8) == 8
+    assert calibration_batch(RESNET_2CORE, 1, 2, 8) == 4
+    assert calibration_batch(RESNET_2CORE, 1, 2, 1) == 1   # at least one per instance
+    sparse = Profile((ProfilePoint(1, 4, 1.0), ProfilePoint(1, 8, 2.0)))
+    assert calibration_batch(sparse, 1, 16, 16) == 4       # the row's smallest batch
+
+
+def test_calibration_round_trip(tmp_path):
+    path = calibration_path(tmp_path / "m-abc.csv", 2, 10, 8)
+    assert path.name == "m-abc.calibration-n2-d10-b8.json"
+    assert load_calibration(path) is None
+    save_calibration(SERVED, path)
+    assert load_calibration(path) == SERVED
+    assert SERVED.describe() == "t=2 x1.22, t=1 x1.06"
+    path.write_text("{not json")
+    assert load_calibration(path) is None  # a corrupt cache is measured again
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(len(usable_cores()) < 2, reason="needs 2 cores")
+def test_calibrate_through_torchserve(tmp_path):
+    cores = tuple(usable_cores()[:2])
+    run = RunDir(tmp_path / "run").create()
+    mar = build_zoo_archive("small-cnn", tmp_path / "archives").mar_path
+    body = (tmp_path / "archives" / "small-cnn.example.json").read_bytes()
+    base = extract_archive(mar, run.path / "archives" / "small-cnn")
+    profile = Profile(tuple(ProfilePoint(t, b, 1.0 * b / t) for t in (1, 2) for b in (1, 2, 4, 8)))
+    settings = ServerSettings(workdir=run.torchserve, model_store=run.model_store,
+                              ports=Ports.free(), env=((RUN_DIR_ENV, str(run.path)),))
+    server = start_server(settings)
+    try:
+        client = TorchServeClient(settings)
+        versions = (str(k) for k in itertools.count(1))
+        said = []
+        cal = calibrate(run, client, base, "small-cnn", profile, cores, body, versions,
+                        min_seconds=1.0, say=said.append)
+        assert [(p.threads, p.instances, p.batch) for p in cal.points] == [(2, 1, 8), (1, 2, 4)]
+        assert all(p.served_ms > 0 and p.profiled_ms == profile.table()[p.threads][p.batch]
+                   for p in cal.points)
+        assert any("served in" in s for s in said)
+        assert client.versions("small-cnn") == ()  # every calibration version is deleted
+        assert not any(run.model_store.iterdir())
+        scaled = scale_profile(profile, cal)
+        assert scaled.table()[2][8] == pytest.approx(cal.points[0].served_ms)
+    finally:
+        stop_server(server)
+    assert find_server(run.torchserve) is None
