@@ -212,8 +212,10 @@ def summarize(rounds: list[RoundResult]) -> dict:
 
 
 def build_row(model: str, batch: int, cores: int, opt: Optimizer, packrat: Config,
-              measured: dict[Config, list[RoundResult]], packrat_predicted: float) -> dict:
-    """One result row for (model, B) from every configuration's rounds; pure."""
+              measured: dict[Config, list[RoundResult]], packrat_predicted: float,
+              raw: Optimizer | None = None, calibration: str | None = None) -> dict:
+    """One result row for (model, B) from every configuration's rounds; pure. opt: the
+    profile Packrat plans with (calibrated, if it was); raw: the profile as measured."""
     base, default = baseline_config(cores, batch), default_config(cores, batch)
     stats = {cfg: summarize(rounds) for cfg, rounds in measured.items()}
 
@@ -236,7 +238,8 @@ def build_row(model: str, batch: int, cores: int, opt: Optimizer, packrat: Confi
         "baseline": entry(base, predicted_ms(opt, base, batch)),
         "torchserve_default": entry(default) if default in stats else None,
         "oracle": entry(best, predicted_ms(opt, best, batch)),
-        "ideal_ms": _r(opt.latency(1, 1) * batch / cores),
+        "ideal_ms": _r((raw or opt).latency(1, 1) * batch / cores),
+        "calibration": calibration,
     }
     result = opt.plan(min(batch, opt.max_servable))
     row["dp_optimal"] = {"plan": result.optimal.describe(),
@@ -491,6 +494,7 @@ class BenchOptions:
     max_batch: int | None = None  # profiling grid; at least max(batches)
     max_batch_delay_ms: int = MAX_BATCH_DELAY_MS
     quiet_wait_s: float = QUIET_WAIT_S  # per measurement, for other processes to finish
+    calibrate: bool = True  # plan with the profile calibrated through TorchServe
 
 
 @dataclass
@@ -499,7 +503,10 @@ class _Model:
     archive: Path
     base_dir: Path
     body: bytes
-    opt: Optimizer
+    opt: Optimizer       # what Packrat plans with: the profile, calibrated once TorchServe runs
+    profile_path: Path
+    raw_opt: Optimizer   # the profile as measured
+    calibration: str | None = None
     next_version: int = 1
 
 
@@ -553,6 +560,36 @@ class _Bench:
         for x in versions:
             self.client.unregister(m.name, x.version)
             remove_version_files(self.run, m.name, x.version)
+
+    def calibrate(self, m: _Model) -> None:
+        """Plan with the profile calibrated through this TorchServe (cached beside it), as
+        `packrat serve` does."""
+        from packrat.calibration import (
+            calibrate, calibration_path, default_target, load_calibration, save_calibration,
+            scale_profile,
+        )
+        from packrat.profile import read_profile
+
+        n = len(self.cores)
+        path = calibration_path(m.profile_path, n, self.options.max_batch_delay_ms,
+                                default_target(n))
+        cal = load_calibration(path)
+        if cal is None:
+            def versions():
+                while True:
+                    m.next_version += 1
+                    yield str(m.next_version - 1)
+
+            wait_quiet(ForeignCpu(self.run.torchserve), self.say, f"calibrating {m.name}",
+                       self.options.quiet_wait_s)
+            cal = calibrate(self.run, self.client, m.base_dir, m.name, read_profile(m.profile_path),
+                            self.cores, m.body, versions(),
+                            max_batch_delay_ms=self.options.max_batch_delay_ms,
+                            say=lambda msg: self.say(f"{self.elapsed()} {msg}"))
+            save_calibration(cal, path)
+        m.opt = Optimizer(scale_profile(read_profile(m.profile_path), cal), n)
+        m.calibration = cal.describe()
+        self.say(f"{self.elapsed()} {m.name}: calibrated profile ({m.calibration}; {path})")
 
     # -- load
 
@@ -653,7 +690,8 @@ class _Bench:
                 self.unregister_all(m)
             except PackratError as e:
                 self.say(f"{m.name}: could not delete the versions of B={batch}: {e}")
-        row = build_row(m.name, batch, n, m.opt, packrat, measured, served.predicted_ms)
+        row = build_row(m.name, batch, n, m.opt, packrat, measured, served.predicted_ms,
+                        raw=m.raw_opt, calibration=m.calibration)
         self.say(f"{self.elapsed()} {m.name} B={batch}: packrat {row['packrat']['latency_ms']} ms, "
                  f"baseline {row['baseline']['latency_ms']} ms, oracle {row['oracle']['plan']} "
                  f"{row['oracle']['latency_ms']} ms, speedup {row['speedup']}, "
@@ -704,7 +742,7 @@ def _prepare_model(name: str, options: BenchOptions, cores: tuple[int, ...], run
     if max(options.batches) > opt.max_servable:
         raise PackratError(f"{name}: B={max(options.batches)} cannot be served on {len(cores)} "
                            f"cores with its profile (at most {opt.max_servable})")
-    return _Model(name, mar, base, example.read_bytes(), opt)
+    return _Model(name, mar, base, example.read_bytes(), opt, profile.path, opt)
 
 
 def _fresh_run_dir(out: Path) -> tuple[RunDir, Path | None]:
@@ -782,6 +820,8 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = lambda s: None
         say(f"{bench.elapsed()} TorchServe up (pid {server.frontend_pid}), inference port "
             f"{settings.ports.inference}")
         for m in models:
+            if options.calibrate:
+                bench.calibrate(m)
             for batch in options.batches:
                 rows.append(bench.bench_batch(m, batch))
                 write_results(rows, out)  # partial results survive an interruption
@@ -834,6 +874,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="seconds to wait for other processes to leave the cores before each "
                         f"measurement (default {QUIET_WAIT_S:g}); a measurement they disturbed "
                         f"(> {FOREIGN_LIMIT_CORES} cores) is repeated up to {ATTEMPTS} times")
+    b.add_argument("--no-calibrate", action="store_true",
+                   help="plan with the measured profile as it is (default: calibrate it through "
+                        "TorchServe first, as packrat serve does)")
     b.set_defaults(func=cmd_bench)
     return b
 
@@ -848,6 +891,7 @@ def cmd_bench(args) -> int:
         models=names, batches=tuple(sorted(set(args.batch))), out=Path(args.out),
         rounds=args.rounds, seconds=args.seconds, max_batch=args.max_batch,
         max_batch_delay_ms=args.max_batch_delay, quiet_wait_s=args.quiet_wait,
+        calibrate=not args.no_calibrate,
     )
     if args.plot:
         from packrat.plot import _pyplot

@@ -204,7 +204,7 @@ def cmd_serve(args) -> int:
                       args.metrics_port or free.metrics, free.grpc_inference, free.grpc_management)
     options = ServeOptions(
         run_dir=_run_dir(args), models=_model_sources(args), cores=args.cores, ports=ports,
-        max_batch=args.max_batch, initial_batch=args.initial_batch,
+        max_batch=args.max_batch, initial_batch=args.initial_batch, calibrate=not args.no_calibrate,
         controller=ControllerParams(interval_s=args.interval, max_batch_delay_ms=args.max_batch_delay),
     )
     print(f"run directory: {options.run_dir}", file=sys.stderr)
@@ -239,7 +239,8 @@ def cmd_status(args) -> int:
               + (f", last {last:.0f} s ago" if last is not None else ""))
         plan = m["plan"]
         if plan["latency_ms"] is not None:
-            print(f"  predicted batch latency {plan['latency_ms']:.1f} ms")
+            print(f"  predicted batch latency {plan['latency_ms']:.1f} ms"
+                  + (f" (profile calibrated: {m['calibration']})" if m.get("calibration") else ""))
         for i in plan["instances"]:
             print(f"  worker pid {i['pid'] or '-':>7}: {i['threads']} threads, batch {i['batch']}, "
                   f"cores {','.join(map(str, i['cores'])) or '-'}")
@@ -381,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--run-dir", help=run_help)
     sv.add_argument("--max-batch", type=int, default=32, help="largest batch to profile (default 32)")
     sv.add_argument("--initial-batch", type=int, default=1, help="B to plan for at start (default 1)")
+    sv.add_argument("--no-calibrate", action="store_true",
+                    help="plan with the measured profile as it is, without timing each thread "
+                         "count through TorchServe first")
     sv.add_argument("--interval", type=float, default=1.0, help="seconds between control steps")
     sv.add_argument("--max-batch-delay", type=int, default=10,
                     help="TorchServe max_batch_delay in ms (default 10)")

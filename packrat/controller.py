@@ -76,6 +76,8 @@ class ModelRuntime:
     last_reconfiguration_unix: float | None = None
     last_error: str | None = None
     retry_at: float = 0.0
+    profile_path: Path | None = None  # a profile Packrat measured (and may calibrate)
+    calibration: str | None = None    # e.g. "t=2 x1.22, t=1 x1.05"
 
 
 @dataclass(frozen=True)
@@ -348,6 +350,7 @@ class Controller:
                 "last_reconfiguration_unix": m.last_reconfiguration_unix,
                 "last_error": m.last_error,
                 "cores": list(m.cores),
+                "calibration": m.calibration,
             }
         write_json(self.run.state_file, {
             "controller_pid": os.getpid(), "models": models,

@@ -9,6 +9,7 @@ each model with the plan for B = 1, then runs the control loop until SIGINT or S
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -19,10 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from packrat.archive import extract_archive
+from packrat.calibration import (
+    calibrate, calibration_path, default_target, load_calibration, save_calibration, scale_profile,
+)
 from packrat.controller import Controller, ControllerParams, ModelRuntime
 from packrat.cpus import usable_cores
 from packrat.errors import PackratError
-from packrat.modelspec import ModelSpec
+from packrat.modelspec import ModelSpec, encode_example
 from packrat.optimizer import Optimizer
 from packrat.policy import plan_for_batch
 from packrat.profile import read_profile
@@ -50,6 +54,7 @@ class ServeOptions:
     ports: Ports | None = None
     max_batch: int = 32           # profiling grid
     initial_batch: int = 1
+    calibrate: bool = True        # scale measured profiles by served latency (packrat.calibration)
     controller: ControllerParams = ControllerParams()
 
 
@@ -138,6 +143,7 @@ def _serve(options: ServeOptions, say) -> None:
             return
 
         server = find_server(run.torchserve)
+        adopting = server is not None
         if server is not None:
             settings = load_settings(run.torchserve)
             say(f"adopting TorchServe (pid {server.frontend_pid}) of {run.path}")
@@ -157,6 +163,8 @@ def _serve(options: ServeOptions, say) -> None:
                                 restart_server=lambda: start_server(settings))
         for m in runtimes:
             controller.models[m.name] = m
+            if options.calibrate and m.profile_path is not None:
+                _calibrate(controller, m, adopting, say)
             _adopt_or_start(controller, m, options.initial_batch, say)
         controller.save_state()
         say(f"serving {', '.join(controller.models)}; `packrat status --run-dir {run.path}` "
@@ -200,7 +208,34 @@ def _prepare_model(run: RunDir, src: ModelSource, cores, options: ServeOptions, 
         profile = result.profile
     opt = Optimizer(profile, len(cores))
     return ModelRuntime(name=name, base_dir=base, optimizer=opt, cores=tuple(cores),
-                        spec=ModelSpec.load(base))
+                        spec=ModelSpec.load(base),
+                        profile_path=None if src.profile is not None else result.path)
+
+
+def _calibrate(controller: Controller, m: ModelRuntime, adopting: bool, say) -> None:
+    """Scale m's measured profile by its served latency per thread count (cached beside the
+    profile). A restarted controller adopting a serving TorchServe uses a cached calibration
+    only: measuring would compete with the live traffic."""
+    delay = controller.params.max_batch_delay_ms
+    path = calibration_path(m.profile_path, len(m.cores), delay, default_target(len(m.cores)))
+    calibration = load_calibration(path)
+    if calibration is None and adopting:
+        say(f"{m.name}: no cached calibration; planning with the profile as measured")
+        return
+    if calibration is None:
+        def versions():
+            while True:
+                m.next_version += 1
+                yield str(m.next_version - 1)
+
+        calibration = calibrate(controller.run, controller.client, m.base_dir, m.name,
+                                read_profile(m.profile_path), m.cores,
+                                json.dumps(encode_example(m.spec)).encode(), versions(),
+                                max_batch_delay_ms=delay, say=say)
+        save_calibration(calibration, path)
+    m.optimizer = Optimizer(scale_profile(read_profile(m.profile_path), calibration), len(m.cores))
+    m.calibration = calibration.describe()
+    say(f"{m.name}: calibrated profile ({m.calibration}; {path})")
 
 
 def _adopt_or_start(controller: Controller, m: ModelRuntime, batch: int, say) -> None:
@@ -327,6 +362,7 @@ def status(run_dir: Path) -> dict:
             "reconfigurations": st.get("reconfigurations", 0),
             "last_reconfiguration_s": round(now - last, 1) if last else None,
             "last_error": st.get("last_error"),
+            "calibration": st.get("calibration"),
         }
     return {
         "controller_pid": controller_pid(run),

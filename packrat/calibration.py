@@ -1,0 +1,178 @@
+"""Calibration: one served measurement per thread count scales that row of the profile.
+
+The profiler times the model alone. Served, an instance also decodes its requests, and its
+cores are shared with TorchServe's frontend and the clients; an instance with many threads
+suffers most, because its OpenMP barriers wait for whichever core was interrupted. Measured
+on the 2-core VM for ResNet-50: one 2-thread instance at batch 8 served in 656 ms against 536
+profiled (+22%), two 1-thread instances at batch 4 in 578 ms against 548 (+5%), so the
+profile picked the slower plan for B = 8.
+
+So, once TorchServe runs, serve each thread count t of the profile as the plan N//t x <t, b>
+(pinned, b near `target` / instances), drive it with exactly instances x b closed-loop
+clients, and scale row t by served / profiled. A few seconds per thread count; cached.
+
+`scale_profile` and `calibration_batch` are pure; `calibrate` talks to TorchServe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+from packrat.errors import PackratError
+from packrat.profile import Profile
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CalibrationPoint:
+    threads: int
+    instances: int
+    batch: int          # per instance
+    profiled_ms: float
+    served_ms: float    # median latency of a request, batches of `batch` formed by the load
+
+    @property
+    def scale(self) -> float:
+        return self.served_ms / self.profiled_ms
+
+
+@dataclass(frozen=True)
+class Calibration:
+    points: tuple[CalibrationPoint, ...]
+
+    def scales(self) -> dict[int, float]:
+        return {p.threads: p.scale for p in self.points}
+
+    def describe(self) -> str:
+        return ", ".join(f"t={p.threads} x{p.scale:.2f}" for p in self.points)
+
+    def to_json(self) -> dict:
+        return {"points": [asdict(p) for p in self.points]}
+
+    @staticmethod
+    def from_json(data: dict) -> "Calibration":
+        return Calibration(tuple(CalibrationPoint(**p) for p in data["points"]))
+
+
+def scale_profile(profile: Profile, calibration: Calibration) -> Profile:
+    """The profile with each row t multiplied by its scale (rows without one unchanged)."""
+    scales = calibration.scales()
+
+    def scaled(x, s):
+        return None if x is None else x * s
+
+    points = tuple(
+        replace(p, latency_ms=p.latency_ms * s, p10_ms=scaled(p.p10_ms, s), p90_ms=scaled(p.p90_ms, s))
+        if (s := scales.get(p.threads)) else p
+        for p in profile.points
+    )
+    return Profile(points, profile.meta)
+
+
+def calibration_batch(profile: Profile, threads: int, instances: int, target: int) -> int:
+    """The largest batch of row `threads` with instances x batch <= target (at least the
+    smallest batch of the row): batches of the size the plans for B near target use."""
+    row = sorted(b for t, b in ((p.threads, p.batch) for p in profile.points) if t == threads)
+    fitting = [b for b in row if instances * b <= max(target, instances)]
+    return fitting[-1] if fitting else row[0]
+
+
+def default_target(cores: int) -> int:
+    return max(8, cores)
+
+
+def calibration_path(profile_path: Path, cores: int, max_batch_delay_ms: int, target: int) -> Path:
+    return profile_path.with_name(
+        f"{profile_path.stem}.calibration-n{cores}-d{max_batch_delay_ms}-b{target}.json")
+
+
+def load_calibration(path: Path) -> Calibration | None:
+    try:
+        return Calibration.from_json(json.loads(Path(path).read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def save_calibration(calibration: Calibration, path: Path) -> None:
+    Path(path).write_text(json.dumps(calibration.to_json(), indent=2) + "\n")
+
+
+def calibrate(run, client, base_dir: Path, name: str, profile: Profile, cores: tuple[int, ...],
+              body: bytes, versions: Iterator[str], *, max_batch_delay_ms: int = 10,
+              target: int | None = None, min_seconds: float = 3.0, min_batches: int = 8,
+              say: Callable[[str], None] = lambda s: None) -> Calibration:
+    """Serve each thread count's plan through TorchServe, measure it, delete it. target:
+    the total batch the plans are sized for (default max(8, N))."""
+    from packrat.controller import deploy_version, remove_version_files
+    from packrat.optimizer import Optimizer
+    from packrat.policy import manual_plan
+
+    opt = Optimizer(profile, len(cores))
+    target = target or default_target(len(cores))
+    points = []
+    for threads in sorted((t for t in profile.threads if t <= len(cores)), reverse=True):
+        instances = len(cores) // threads
+        batch = calibration_batch(profile, threads, instances, target)
+        profiled = opt.latency(threads, batch)
+        version = next(versions)
+        plan = manual_plan(opt, name, version, instances, threads, batch, cores)
+        say(f"{name}: calibrating {plan.describe()} through TorchServe (profiled {profiled:.1f} ms)")
+        try:
+            deploy_version(run, client, base_dir, name, version, plan, instances=instances,
+                           batch_size=batch, max_batch_delay_ms=max_batch_delay_ms,
+                           warm_body=body, response_timeout_s=max(120, int(20 * profiled / 1000)))
+            served = _served_latency(client, name, version, body, instances * batch,
+                                     max(min_seconds, min_batches * profiled / 1000), profiled)
+        finally:
+            try:
+                if any(v.version == version for v in client.versions(name)):
+                    client.unregister(name, version)
+            finally:
+                remove_version_files(run, name, version)
+        point = CalibrationPoint(threads, instances, batch, round(profiled, 3), round(served, 3))
+        say(f"{name}: {plan.describe()} served in {served:.1f} ms, profiled {profiled:.1f} "
+            f"(x{point.scale:.2f})")
+        points.append(point)
+    return Calibration(tuple(points))
+
+
+def _served_latency(client, name: str, version: str, body: bytes, clients: int,
+                    seconds: float, profiled_ms: float) -> float:
+    from packrat.loadgen import ClosedLoop
+
+    timeout = max(60.0, 20 * profiled_ms / 1000)
+    samples: list[float] = []
+    lock = threading.Lock()
+    measuring = threading.Event()
+
+    def send():
+        counted = measuring.is_set()  # only requests sent once the clients are in step
+        a = time.perf_counter()
+        r = client.predict(name, body, version=version, timeout_s=timeout)
+        if r.status_code == 200 and counted:
+            with lock:
+                samples.append((time.perf_counter() - a) * 1000)
+        return r
+
+    load = ClosedLoop(send, timeout_s=timeout)
+    load.set_concurrency(clients)
+    try:
+        time.sleep(2 * profiled_ms / 1000 + 0.2)  # the clients fall into step
+        measuring.set()
+        time.sleep(seconds)
+    finally:
+        result = load.stop()
+    lost = len(result.failures) + len(result.unanswered)
+    if lost or not samples:
+        first = (result.failures + result.unanswered + ["no answer"])[0]
+        raise PackratError(f"{name}: calibration requests failed ({lost} lost, e.g. {first}); "
+                           "serve with --no-calibrate to skip calibration")
+    return statistics.median(samples)
