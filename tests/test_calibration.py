@@ -40,6 +40,19 @@ def test_scale_profile_multiplies_each_row_by_its_scale():
     assert scale_profile(RESNET_2CORE, one_row).table()[1] == RESNET_2CORE.table()[1]
 
 
+def test_scale_interpolates_in_log_batch_between_calibrated_batches():
+    two = Calibration((CalibrationPoint(2, 1, 8, 100.0, 140.0), CalibrationPoint(2, 1, 1, 10.0, 11.0)))
+    assert two.scale(2, 1) == pytest.approx(1.1)
+    assert two.scale(2, 8) == pytest.approx(1.4)
+    assert two.scale(2, 2) == pytest.approx(1.2)   # a third of the way in log2
+    assert two.scale(2, 4) == pytest.approx(1.3)
+    assert two.scale(2, 16) == pytest.approx(1.4)  # the nearest outside
+    assert two.scale(1, 4) is None
+    assert two.describe() == "t=2 x1.10..x1.40"
+    table = scale_profile(RESNET_2CORE, two).table()
+    assert table[2][2] == pytest.approx(135.18 * 1.2) and table[1] == RESNET_2CORE.table()[1]
+
+
 def test_calibration_flips_resnet_plan_for_b8_to_what_serving_measured():
     raw = plan_for_batch(Optimizer(RESNET_2CORE, 2), "r", "1", 8, (0, 1))
     assert raw.describe() == "1x<t=2,b=8>"  # 536 ms predicted, 656 served
@@ -85,7 +98,8 @@ def test_calibrate_through_torchserve(tmp_path):
         said = []
         cal = calibrate(run, client, base, "small-cnn", profile, cores, body, versions,
                         min_seconds=1.0, say=said.append)
-        assert [(p.threads, p.instances, p.batch) for p in cal.points] == [(2, 1, 8), (1, 2, 4)]
+        assert [(p.threads, p.instances, p.batch) for p in cal.points] == [
+            (2, 1, 8), (2, 1, 1), (1, 2, 4), (1, 2, 1)]
         assert all(p.served_ms > 0 and p.profiled_ms == profile.table()[p.threads][p.batch]
                    for p in cal.points)
         assert any("served in" in s for s in said)
@@ -93,6 +107,7 @@ def test_calibrate_through_torchserve(tmp_path):
         assert not any(run.model_store.iterdir())
         scaled = scale_profile(profile, cal)
         assert scaled.table()[2][8] == pytest.approx(cal.points[0].served_ms)
+        assert scaled.table()[2][1] == pytest.approx(cal.points[1].served_ms)
     finally:
         stop_server(server)
     assert find_server(run.torchserve) is None
