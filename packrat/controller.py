@@ -286,7 +286,8 @@ class Controller:
             except PlanError as e:
                 m.last_error = str(e)
                 continue
-            if should_switch(m.plan, target, m.optimizer, batch, self.params.policy):
+            if should_switch(m.plan, target, m.optimizer, batch, self.params.policy,
+                             self.params.max_batch_delay_ms):
                 self.switch(m, target)
         self.save_state()
 

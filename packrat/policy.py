@@ -29,14 +29,17 @@ def slots_for(threads: int, instances: int, cores: tuple[int, ...]) -> tuple[tup
     return tuple(tuple(cores[k * threads:(k + 1) * threads]) for k in range(instances))
 
 
-def served_latency(opt: Optimizer, threads: int, instances: int, batch_size: int, batch: int) -> float:
+def served_latency(opt: Optimizer, threads: int, instances: int, batch_size: int, batch: int,
+                   delay_ms: float = 0.0) -> float:
     """Predicted latency of B requests on a version of `instances` workers with `threads`
     threads and `batch_size`: the queue hands out ceil(B / batch_size) batches, so a worker
-    may run several rounds. inf if the profile cannot tell."""
+    may run several rounds; and where B cannot fill every worker's batch, TorchServe waits
+    its batching delay (delay_ms) for more requests first. inf if the profile cannot tell."""
     size = min(batch_size, batch)
     batches = -(-batch // size)
     rounds = -(-batches // instances)
-    return rounds * opt.latency(threads, size)
+    wait = delay_ms if instances * batch_size > batch else 0.0
+    return rounds * opt.latency(threads, size) + wait
 
 
 def plan_for_batch(opt: Optimizer, model: str, version: str, batch: int,
@@ -65,8 +68,9 @@ def manual_plan(opt: Optimizer, model: str, version: str, instances: int, thread
 
 
 def should_switch(current: ServedPlan | None, target: ServedPlan, opt: Optimizer, batch: int,
-                  params: PolicyParams = PolicyParams()) -> bool:
-    """Switch when the target differs and is predicted enough faster at the estimated B."""
+                  params: PolicyParams = PolicyParams(), delay_ms: float = 0.0) -> bool:
+    """Switch when the target differs and is predicted enough faster at the estimated B
+    (delay_ms: TorchServe's max_batch_delay, paid by batches B cannot fill)."""
     if current is None:
         return True
     if target.same_shape(current):
@@ -75,8 +79,8 @@ def should_switch(current: ServedPlan | None, target: ServedPlan, opt: Optimizer
         # The live plan needs several rounds for B; the profile has no figure for the queueing
         # and per-batch costs between rounds, so its prediction is too kind: serve B in one.
         return True
-    now = served_latency(opt, current.threads, current.instances, current.batch_size, batch)
-    new = served_latency(opt, target.threads, target.instances, target.batch_size, batch)
+    now = served_latency(opt, current.threads, current.instances, current.batch_size, batch, delay_ms)
+    new = served_latency(opt, target.threads, target.instances, target.batch_size, batch, delay_ms)
     if math.isinf(now):
         return not math.isinf(new)
     return new <= now * (1.0 - params.min_gain)

@@ -62,6 +62,17 @@ def test_a_plan_that_needs_several_rounds_for_b_is_replaced():
     assert should_switch(one, two, OPT, 4, PolicyParams(min_gain=0.9))
 
 
+def test_a_batch_size_b_cannot_fill_pays_the_batching_delay():
+    # after 8 clients, one 4-thread instance of batch 4; now 1 client: every batch of 1 waits
+    # TorchServe's max_batch_delay for three more requests that never come
+    big = manual_plan(OPT, "m", "1", 1, 4, 4, CORES)
+    one = plan_for_batch(OPT, "m", "2", 1, CORES)
+    assert served_latency(OPT, 4, 1, 4, 1, delay_ms=10) == 14.0  # 4 ms + 10 ms waiting
+    assert served_latency(OPT, 4, 1, 1, 1, delay_ms=10) == 4.0   # a full batch never waits
+    assert should_switch(big, one, OPT, 1, delay_ms=10)
+    assert not should_switch(big, one, OPT, 1)  # without the delay they look the same
+
+
 def test_manual_plan_checks_cores():
     plan = manual_plan(OPT, "m", "1", 2, 2, 2, CORES)
     assert plan.slots == ((0, 1), (2, 3)) and plan.predicted_ms == 11.0
