@@ -67,10 +67,11 @@ class Calibration:
         return row[-1][1]
 
     def describe(self) -> str:
+        """e.g. "t=2: x1.15 at b=1, x1.22 at b=8; t=1: x1.06 at b=4"."""
         rows: dict[int, list[str]] = {}
         for p in sorted(self.points, key=lambda p: (-p.threads, p.batch)):
-            rows.setdefault(p.threads, []).append(f"x{p.scale:.2f}")
-        return ", ".join(f"t={t} {'..'.join(s)}" for t, s in rows.items())
+            rows.setdefault(p.threads, []).append(f"x{p.scale:.2f} at b={p.batch}")
+        return "; ".join(f"t={t}: {', '.join(s)}" for t, s in rows.items())
 
     def to_json(self) -> dict:
         return {"points": [asdict(p) for p in self.points]}

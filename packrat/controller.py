@@ -77,7 +77,7 @@ class ModelRuntime:
     last_error: str | None = None
     retry_at: float = 0.0
     profile_path: Path | None = None  # a profile Packrat measured (and may calibrate)
-    calibration: str | None = None    # e.g. "t=2 x1.22, t=1 x1.05"
+    calibration: str | None = None    # Calibration.describe() of the profile planned with
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ def test_scale_interpolates_in_log_batch_between_calibrated_batches():
     assert two.scale(2, 4) == pytest.approx(1.3)
     assert two.scale(2, 16) == pytest.approx(1.4)  # the nearest outside
     assert two.scale(1, 4) is None
-    assert two.describe() == "t=2 x1.10..x1.40"
+    assert two.describe() == "t=2: x1.10 at b=1, x1.40 at b=8"
     table = scale_profile(RESNET_2CORE, two).table()
     assert table[2][2] == pytest.approx(135.18 * 1.2) and table[1] == RESNET_2CORE.table()[1]
 
@@ -75,7 +75,7 @@ def test_calibration_round_trip(tmp_path):
     assert load_calibration(path) is None
     save_calibration(SERVED, path)
     assert load_calibration(path) == SERVED
-    assert SERVED.describe() == "t=2 x1.22, t=1 x1.06"
+    assert SERVED.describe() == "t=2: x1.22 at b=8; t=1: x1.06 at b=4"
     path.write_text("{not json")
     assert load_calibration(path) is None  # a corrupt cache is measured again
 
