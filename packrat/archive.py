@@ -30,6 +30,7 @@ from packrat.modelspec import (
     MANIFEST_FILE,
     MODEL_FILE,
     SPEC_FILE,
+    ModelSpec,
     encode_example,
 )
 from packrat.zoo import build_model, get_zoo_model, require_dependencies
@@ -148,6 +149,7 @@ def extract_archive(mar_path: Path, dest: Path) -> Path:
                 f"{mar_path} is a directory without {MANIFEST_FILE}; "
                 "pass a .mar file or an unpacked archive directory"
             )
+        check_model_dir(mar_path, mar_path)
         return mar_path
     if not mar_path.is_file():
         raise ArchiveError(f"archive {mar_path} not found")
@@ -173,11 +175,73 @@ def extract_archive(mar_path: Path, dest: Path) -> Path:
             zf.extractall(dest)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, OSError, EOFError) as e:
         raise ArchiveError(f"{mar_path} is corrupt or unreadable ({e}); rebuild it") from None
-    try:
-        json.loads((dest / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ArchiveError(f"{mar_path}: {MANIFEST_FILE} is not valid JSON ({e})") from None
+    check_model_dir(dest, mar_path)
     return dest
+
+
+def check_model_dir(model_dir: Path, source: Path) -> None:
+    """Cheap checks that an unpacked archive is a Packrat one: a manifest naming its handler
+    and weights, the files it names, model.py and a valid packrat.json. ArchiveError naming
+    `source` (the .mar) otherwise. The weights themselves are read only when the model loads."""
+    _check_members(source, lambda name: (model_dir / name).is_file(),
+                   lambda name: (model_dir / name).read_text(encoding="utf-8"))
+
+
+def check_archive(path: Path) -> None:
+    """check_model_dir for a .mar or an unpacked archive, reading only its small members: a
+    command can refuse a bad archive before it starts anything."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / MANIFEST_FILE).is_file():
+            raise ArchiveError(
+                f"{path} is a directory without {MANIFEST_FILE}; "
+                "pass a .mar file or an unpacked archive directory"
+            )
+        check_model_dir(path, path)
+        return
+    if not path.is_file():
+        raise ArchiveError(f"archive {path} not found")
+    if not zipfile.is_zipfile(path):
+        raise ArchiveError(f"{path} is not a zip file; rebuild it with torch-model-archiver")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+            if MANIFEST_FILE not in names:
+                raise ArchiveError(
+                    f"{path} has no {MANIFEST_FILE}; it is not a TorchServe model archive"
+                )
+            _check_members(path, names.__contains__, lambda name: zf.read(name).decode("utf-8"))
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, OSError, EOFError) as e:
+        raise ArchiveError(f"{path} is corrupt or unreadable ({e}); rebuild it") from None
+
+
+def _check_members(source: Path, exists, read_text) -> None:
+    try:
+        manifest = json.loads(read_text(MANIFEST_FILE))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise ArchiveError(f"{source}: {MANIFEST_FILE} is not valid JSON ({e})") from None
+    model = manifest.get("model") if isinstance(manifest, dict) else None
+    handler = model.get("handler") if isinstance(model, dict) else None
+    weights = model.get("serializedFile") if isinstance(model, dict) else None
+    if not (isinstance(handler, str) and handler and isinstance(weights, str) and weights):
+        raise ArchiveError(
+            f"{source}: {MANIFEST_FILE} names no model.handler and model.serializedFile; "
+            "build the archive with `packrat archive`"
+        )
+    handler_file = PurePosixPath(handler.split(":")[0])
+    if handler_file.suffix != ".py":
+        handler_file = handler_file.with_suffix(".py")
+    for name in (str(handler_file), weights, MODEL_FILE, SPEC_FILE):
+        if not exists(name):
+            raise ArchiveError(f"{source} has no {name}; rebuild it with `packrat archive`")
+    try:
+        spec = json.loads(read_text(SPEC_FILE))
+    except (OSError, ValueError) as e:
+        raise ArchiveError(f"{source}: {SPEC_FILE} is not valid JSON ({e}); rebuild the archive") from None
+    try:
+        ModelSpec.from_json(spec)
+    except ArchiveError as e:
+        raise ArchiveError(f"{source}: {SPEC_FILE}: {e}") from None
 
 
 def archive_digest(path: Path) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -18,6 +19,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+# More values than anyone plans or profiles at once; `1-100000000` is a typo, not a request.
+MAX_LIST_VALUES = 10000
+
+
 def int_list(text: str) -> list[int]:
     """`1,2,4` or `1-4` or a mix; every value an integer."""
     out: list[int] = []
@@ -26,11 +31,19 @@ def int_list(text: str) -> list[int]:
         try:
             if "-" in part[1:]:
                 lo, hi = part.split("-", 1)
-                out.extend(range(int(lo), int(hi) + 1))
+                lo, hi = int(lo), int(hi)
+                if hi < lo:
+                    raise argparse.ArgumentTypeError(f"{part!r} is an empty range; write LOW-HIGH")
+                if hi - lo >= MAX_LIST_VALUES:
+                    raise argparse.ArgumentTypeError(
+                        f"{part!r} has more than {MAX_LIST_VALUES} values")
+                out.extend(range(lo, hi + 1))
             else:
                 out.append(int(part))
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a list of integers like 1,2,4") from None
+        if len(out) > MAX_LIST_VALUES:
+            raise argparse.ArgumentTypeError(f"{text!r} has more than {MAX_LIST_VALUES} values")
     return out
 
 
@@ -168,18 +181,41 @@ def _run_dir(args) -> Path:
 
 
 def _model_sources(args):
+    """--models and --profiles, checked before anything is started or written."""
+    from packrat.archive import check_archive
+    from packrat.profile import read_profile
+    from packrat.rundir import check_model_name
     from packrat.service import ModelSource
 
     profiles = dict(_pairs(args.profiles, "--profiles")) if args.profiles else {}
     sources = []
     for name, file in _pairs(args.models, "--models"):
+        check_model_name(name)
+        if any(s.name == name for s in sources):
+            raise PackratError(f"--models names {name!r} twice; give each model once")
         path = Path(file)
         if not path.is_absolute() and args.model_store and not path.exists():
             path = Path(args.model_store) / file
-        sources.append(ModelSource(name, path, Path(profiles.pop(name)) if name in profiles else None))
+        if not path.exists():
+            raise PackratError(f"model {name}: archive {path} does not exist")
+        check_archive(path)
+        profile = Path(profiles.pop(name)) if name in profiles else None
+        if profile is not None:
+            if not profile.is_file():
+                raise PackratError(f"model {name}: profile {profile} does not exist")
+            read_profile(profile)  # ProfileError for a bad file
+        sources.append(ModelSource(name, path, profile))
+    if not sources:
+        raise PackratError("--models names no model; give NAME=FILE.mar")
     if profiles:
         raise PackratError(f"--profiles names models not in --models: {', '.join(profiles)}")
     return tuple(sources)
+
+
+def _at_least(value, low, flag: str):
+    """value (None: not given) must be >= low."""
+    if value is not None and value < low:
+        raise PackratError(f"{flag} must be >= {low}, got {value}")
 
 
 def _pairs(text: str, flag: str):
@@ -194,16 +230,38 @@ def _pairs(text: str, flag: str):
 
 def cmd_serve(args) -> int:
     from packrat.controller import ControllerParams
-    from packrat.service import ServeOptions, serve
+    from packrat.cpus import usable_cores
+    from packrat.rundir import RunDir
+    from packrat.service import ServeOptions, controller_pid, serve
     from packrat.torchserve import Ports
 
+    run_dir = _run_dir(args)
+    pid = controller_pid(RunDir(run_dir))
+    if pid is not None:  # first: whatever else is asked, this run directory is taken
+        raise PackratError(
+            f"another packrat controller (pid {pid}) runs on {run_dir}; stop it with "
+            f"`packrat stop --run-dir {run_dir}` or use another --run-dir"
+        )
+    _at_least(args.cores, 1, "--cores")
+    if args.cores is not None and args.cores > len(usable_cores()):
+        raise PackratError(f"--cores {args.cores}: this process may use 1..{len(usable_cores())} cores")
+    _at_least(args.max_batch, 1, "--max-batch")
+    _at_least(args.initial_batch, 1, "--initial-batch")
+    _at_least(args.max_batch_delay, 0, "--max-batch-delay")
+    if not args.interval > 0:  # also refuses nan
+        raise PackratError(f"--interval must be > 0 seconds, got {args.interval}")
+    for flag in ("inference_port", "management_port", "metrics_port"):
+        port = getattr(args, flag)
+        if port is not None and not 1 <= port <= 65535:
+            raise PackratError(f"--{flag.replace('_', '-')} {port} is not a TCP port (1..65535)")
+    models = _model_sources(args)
     ports = None
     if args.inference_port or args.management_port or args.metrics_port:
         free = Ports.free()
         ports = Ports(args.inference_port or free.inference, args.management_port or free.management,
                       args.metrics_port or free.metrics, free.grpc_inference, free.grpc_management)
     options = ServeOptions(
-        run_dir=_run_dir(args), models=_model_sources(args), cores=args.cores, ports=ports,
+        run_dir=run_dir, models=models, cores=args.cores, ports=ports,
         max_batch=args.max_batch, initial_batch=args.initial_batch, calibrate=not args.no_calibrate,
         controller=ControllerParams(interval_s=args.interval, max_batch_delay_ms=args.max_batch_delay),
     )
@@ -250,8 +308,12 @@ def cmd_status(args) -> int:
 
 
 def cmd_reconfigure(args) -> int:
+    from packrat.rundir import check_model_name
     from packrat.service import reconfigure
 
+    check_model_name(args.model)
+    for flag in ("instances", "threads", "batch", "for_batch"):
+        _at_least(getattr(args, flag), 1, f"--{flag.replace('_', '-')}")
     if args.auto:
         request = {"model": args.model, "auto": True}
     elif args.for_batch is not None:
@@ -277,14 +339,16 @@ def _phases(text: str) -> list[tuple[int, float]]:
             phases.append((int(c), float(secs)))
         except ValueError:
             raise PackratError(f"--phases: {part!r} is not CLIENTS:SECONDS") from None
-        if phases[-1][0] < 0 or phases[-1][1] <= 0:
+        if phases[-1][0] < 0 or not 0 < phases[-1][1] < math.inf:  # also refuses nan
             raise PackratError(f"--phases: {part!r} needs clients >= 0 and seconds > 0")
     return phases
 
 
 def cmd_demo(args) -> int:
     from packrat.demo import run_demo, summary
+    from packrat.zoo import get_zoo_model, require_dependencies
 
+    require_dependencies(get_zoo_model(args.zoo))  # before anything is built or started
     phases = _phases(args.phases)
     if any(c < 1 for c, _ in phases):
         raise PackratError("--phases: every demo phase needs at least 1 client")
@@ -299,11 +363,16 @@ def cmd_load(args) -> int:
     import time
 
     from packrat.loadgen import ClosedLoop
-    from packrat.rundir import RunDir
+    from packrat.rundir import RunDir, check_model_name
     from packrat.torchserve import TorchServeClient, load_settings
 
+    check_model_name(args.model)
     phases = _phases(args.phases)
-    body = Path(args.body).read_bytes()
+    try:
+        body = Path(args.body).read_bytes()
+    except OSError as e:
+        raise PackratError(f"--body {args.body}: {e.strerror or e}; give a request body file, "
+                           "e.g. NAME.example.json from `packrat archive`") from None
     client = TorchServeClient(load_settings(RunDir(_run_dir(args)).torchserve))
     load = ClosedLoop(lambda: client.predict(args.model, body, timeout_s=60))
     done = 0

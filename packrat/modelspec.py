@@ -284,6 +284,8 @@ def _parse_body(body: Any, spec: ModelSpec) -> dict[str, Any]:
             raise RequestError("request body is not UTF-8 text; send a JSON object") from None
         except json.JSONDecodeError as e:
             raise RequestError(f"request body is not valid JSON ({e})") from None
+        except RecursionError:
+            raise RequestError(f"request body is nested too deeply; {_expected_inputs(spec)}") from None
     if not isinstance(body, dict):
         raise RequestError(
             f"request body must be a JSON object, got {type(body).__name__}; "
@@ -318,7 +320,27 @@ def _decode_value(value: Any, inp: InputSpec) -> torch.Tensor:
     return torch.from_numpy(arr)
 
 
+def _leading_shape(value: list) -> list[int]:
+    """The shape a nested list claims along its first elements (numpy's guess, without
+    building the array): [[1, 2, 3], [4]] claims [2, 3]."""
+    shape = []
+    while isinstance(value, list) and len(shape) < 64:
+        shape.append(len(value))
+        if not value:
+            break
+        value = value[0]
+    return shape
+
+
 def _decode_list(value: list, inp: InputSpec) -> np.ndarray:
+    claimed = _leading_shape(value)
+    if math.prod(claimed) > inp.numel:
+        # Too many values: refuse before numpy copies them all (a 6 MB body of zeros is 3
+        # million of them).
+        raise RequestError(
+            f"input {inp.name!r} has shape {claimed}, more values than expected; "
+            f"expected {inp.describe()}"
+        )
     try:
         arr = np.array(value)
     except (ValueError, TypeError, OverflowError):
@@ -349,6 +371,12 @@ def _decode_list(value: list, inp: InputSpec) -> np.ndarray:
         return np.ascontiguousarray(arr, dtype=_DTYPES[inp.dtype])
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    """repr of a client's value, cut to `limit` characters for an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _kind_name(dtype: np.dtype) -> str:
     return {"b": "booleans", "U": "strings", "S": "strings", "O": "non-numeric values"}.get(
         dtype.kind, str(dtype)
@@ -364,28 +392,37 @@ def _decode_b64(value: dict, inp: InputSpec) -> np.ndarray:
         )
     if value["dtype"] != inp.dtype:
         raise RequestError(
-            f"input {inp.name!r}: dtype {value['dtype']!r} does not match; "
+            f"input {inp.name!r}: dtype {_short(value['dtype'])} does not match; "
             f"expected {inp.describe()}"
         )
     shape = value["shape"]
     if not isinstance(shape, list) or tuple(shape) != inp.shape:
         raise RequestError(
-            f"input {inp.name!r}: shape {shape!r} does not match; expected {inp.describe()}"
+            f"input {inp.name!r}: shape {_short(shape)} does not match; expected {inp.describe()}"
         )
     data = value["b64"]
     if not isinstance(data, str):
         raise RequestError(f"input {inp.name!r}: 'b64' must be a base64 string")
+    dtype = _DTYPES[inp.dtype]
+    want = inp.numel * dtype.itemsize
+
+    def wrong_size(size: int) -> RequestError:
+        return RequestError(
+            f"input {inp.name!r}: 'b64' decodes to {size} bytes; {inp.describe()} "
+            f"needs {want} bytes of little-endian {inp.dtype}"
+        )
+
+    if len(data) > 4 * -(-want // 3):
+        # Too long for `want` bytes: refused from its length, before decoding it.
+        if len(data) % 4:
+            raise RequestError(f"input {inp.name!r}: 'b64' is not valid base64")
+        raise wrong_size(len(data) // 4 * 3 - len(data[-2:]) + len(data[-2:].rstrip("=")))
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(f"input {inp.name!r}: 'b64' is not valid base64") from None
-    dtype = _DTYPES[inp.dtype]
-    want = inp.numel * dtype.itemsize
     if len(raw) != want:
-        raise RequestError(
-            f"input {inp.name!r}: 'b64' decodes to {len(raw)} bytes; {inp.describe()} "
-            f"needs {want} bytes of little-endian {inp.dtype}"
-        )
+        raise wrong_size(len(raw))
     # copy(): frombuffer is read-only and torch.from_numpy wants a writable array.
     return np.frombuffer(raw, dtype=dtype).reshape(inp.shape).copy()
 
@@ -419,7 +456,11 @@ def load_model(model_dir: str | Path) -> tuple[torch.nn.Module, ModelSpec]:
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ArchiveError(f"cannot load state_dict from {weights}: {e}") from e
+        # torch's messages run over several lines and advise weights_only=False; say it short.
+        raise ArchiveError(
+            f"cannot load state_dict from {weights} ({type(e).__name__}): the file is corrupt "
+            "or not a torch.save of a state_dict; rebuild the archive"
+        ) from e
     if not isinstance(state, dict):
         raise ArchiveError(
             f"{weights} holds a {type(state).__name__}, not a state_dict; "

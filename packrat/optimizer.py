@@ -32,7 +32,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from packrat.errors import PlanError
-from packrat.profile import Profile
+from packrat.profile import MAX_THREADS, Profile
+
+# The solve costs O(points x N^2) time and an N x max_batch table: 1024 cores take well under
+# a second; a mistyped 100000000 would take the machine's memory instead.
+MAX_CORES = MAX_THREADS
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,8 @@ class Optimizer:
     def __init__(self, profile: Profile, cores: int) -> None:
         if not isinstance(cores, int) or cores < 1:
             raise PlanError(f"cores must be an integer >= 1, got {cores!r}")
+        if cores > MAX_CORES:
+            raise PlanError(f"cores {cores} is more than Packrat plans for; give --cores 1..{MAX_CORES}")
         self.cores = cores
         table = profile.table()
         self.threads = tuple(t for t in sorted(table) if t <= cores)

@@ -19,6 +19,10 @@ from packrat.errors import ProfileError
 HEADER = ("threads", "batch", "latency_ms")
 EXTRA_COLUMNS = ("p10_ms", "p90_ms", "reps")
 FORMATS = ("auto", "packrat", "pytorch", "torchserve")
+# Bounds on a profile's thread counts and batch sizes. The optimizer's tables grow with both
+# (cores x batch), so a typo like 10000000000 must be an error here, not an allocation there.
+MAX_THREADS = 1024
+MAX_BATCH = 8192
 
 
 @dataclass(frozen=True)
@@ -76,10 +80,10 @@ class Profile:
         seen = set()
         for p in self.points:
             where = f"point (threads={p.threads}, batch={p.batch})"
-            if not isinstance(p.threads, int) or p.threads < 1:
-                raise ProfileError(f"{where}: threads must be an integer >= 1")
-            if not isinstance(p.batch, int) or p.batch < 1:
-                raise ProfileError(f"{where}: batch must be an integer >= 1")
+            if not isinstance(p.threads, int) or not 1 <= p.threads <= MAX_THREADS:
+                raise ProfileError(f"{where}: threads must be an integer in 1..{MAX_THREADS}")
+            if not isinstance(p.batch, int) or not 1 <= p.batch <= MAX_BATCH:
+                raise ProfileError(f"{where}: batch must be an integer in 1..{MAX_BATCH}")
             if not math.isfinite(p.latency_ms) or p.latency_ms <= 0:
                 raise ProfileError(
                     f"{where}: latency_ms must be a positive finite number, got {p.latency_ms!r}"
@@ -143,8 +147,15 @@ def read_profile(
         raise ProfileError(f"unknown profile format {fmt!r}; use one of {', '.join(FORMATS)}")
     if not path.is_file():
         raise ProfileError(f"profile file {path} does not exist; run `packrat profile` first")
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except UnicodeDecodeError:
+        raise ProfileError(f"profile file {path} is not a text CSV file (not UTF-8)") from None
+    except csv.Error as e:
+        raise ProfileError(f"profile file {path} is not a valid CSV file ({e})") from None
+    except OSError as e:
+        raise ProfileError(f"cannot read profile file {path}: {e.strerror or e}") from None
     rows = [r for r in rows if any(cell.strip() for cell in r)]
     if not rows:
         raise ProfileError(f"profile file {path} is empty; run `packrat profile` again")
@@ -175,9 +186,12 @@ def read_profile(
     meta = ProfileMeta(source=str(path))
     if fmt == "packrat" and meta_path(path).is_file():
         try:
-            meta = ProfileMeta.from_json(json.loads(meta_path(path).read_text()))
-        except (ValueError, TypeError) as e:
-            raise ProfileError(f"{meta_path(path)}: unreadable metadata ({e}); delete it") from e
+            data = json.loads(meta_path(path).read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise TypeError(f"a JSON object is expected, not {type(data).__name__}")
+            meta = ProfileMeta.from_json(data)
+        except (OSError, ValueError, TypeError) as e:
+            raise ProfileError(f"{meta_path(path)}: unreadable metadata ({e}); delete it") from None
     try:
         return Profile(tuple(points), meta)
     except ProfileError as e:
@@ -201,7 +215,8 @@ def _number(path: Path, line: int, column: str, text: str, kind=float):
     try:
         value = kind(text.strip()) if kind is int else float(text)
     except ValueError:
-        raise ProfileError(f"{path} line {line}: {column} is {text!r}, not a number") from None
+        what = "an integer" if kind is int else "a number"
+        raise ProfileError(f"{path} line {line}: {column} is {text!r}, not {what}") from None
     if kind is float and not math.isfinite(value):
         raise ProfileError(f"{path} line {line}: {column} is {text!r}; measure it again")
     if value <= 0:

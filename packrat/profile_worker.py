@@ -212,7 +212,11 @@ def _all_threads_affinity() -> set[int]:
 if __name__ == "__main__":
     try:
         main(json.loads(sys.argv[1]))
-    except Exception as e:  # the parent shows the last line to the user, the rest is in the log
+    except (Exception, SystemExit) as e:  # model.py may call exit(); a failure all the same
+        # The parent shows the last line to the user: the error on one line, not too long.
         traceback.print_exc()
-        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())
+        if len(message) > 500:
+            message = message[:500] + " ..."
+        print(f"{type(e).__name__}: {message}", file=sys.stderr)
         raise SystemExit(1)

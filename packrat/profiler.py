@@ -21,6 +21,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -36,7 +37,9 @@ from packrat.archive import archive_digest, extract_archive
 from packrat.cpus import cpu_model, usable_cores
 from packrat.errors import PlanError, ProfilerError
 from packrat.optimizer import Optimizer
-from packrat.profile import Profile, ProfileMeta, ProfilePoint, read_profile, write_profile
+from packrat.profile import (
+    MAX_BATCH, Profile, ProfileMeta, ProfilePoint, read_profile, write_profile,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +112,10 @@ def cache_dir() -> Path:
 def validate_settings(settings: ProfileSettings, cores: tuple[int, ...]) -> None:
     if settings.max_batch < 1:
         raise ProfilerError(f"--max-batch must be >= 1, got {settings.max_batch}")
+    if settings.max_batch > MAX_BATCH:
+        raise ProfilerError(f"--max-batch must be <= {MAX_BATCH}, got {settings.max_batch}")
+    if not 0 <= settings.min_time_s < math.inf:  # also refuses nan
+        raise ProfilerError(f"--min-time must be >= 0 seconds, got {settings.min_time_s}")
     if not settings.threads:
         raise ProfilerError("--threads is empty; give thread counts like 1,2,4")
     bad = [t for t in settings.threads if t < 1 or t > len(cores)]

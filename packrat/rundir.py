@@ -37,7 +37,7 @@ def default_run_dir() -> Path:
 
 
 def check_model_name(name: str) -> str:
-    if not _NAME.match(name or ""):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):  # fullmatch: no trailing newline
         raise PackratError(
             f"invalid model name {name!r}: use letters, digits, '_' and '-' (at most 64, no "
             "slashes or dots)"
