@@ -217,8 +217,6 @@ class Controller:
         m.totals = (requests, latency)
         m.estimator = observe(m.estimator, Sample(self.clock(), requests, latency), self.params.estimator)
 
-    # -- the loop ---------------------------------------------------------------------------
-
     # -- a dead TorchServe -----------------------------------------------------------------
 
     def server_up(self) -> bool:
@@ -266,6 +264,8 @@ class Controller:
         log.warning("%s", self.server_event)
         self.save_state()
         return True
+
+    # -- the loop ---------------------------------------------------------------------------
 
     def step(self) -> None:
         if not self.server_up():
@@ -326,7 +326,11 @@ class Controller:
                 self.save_state()
                 return SwitchResult(True, name, m.plan, 0.0, f"{name}: automatic reconfiguration on")
             if request.get("for_batch") is not None:
-                plan = plan_for_batch(m.optimizer, name, version, int(request["for_batch"]), m.cores)
+                batch = int(request["for_batch"])
+                if not 1 <= batch <= m.optimizer.max_servable:
+                    raise PlanError(f"--for-batch {batch}: the profile serves B = 1.."
+                                    f"{m.optimizer.max_servable} on {len(m.cores)} cores")
+                plan = plan_for_batch(m.optimizer, name, version, batch, m.cores)
             else:
                 plan = manual_plan(m.optimizer, name, version, int(request["instances"]),
                                    int(request["threads"]), int(request["batch"]), m.cores)

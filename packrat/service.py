@@ -26,7 +26,7 @@ from packrat.calibration import (
 from packrat.controller import Controller, ControllerParams, ModelRuntime
 from packrat.cpus import usable_cores
 from packrat.errors import PackratError
-from packrat.modelspec import ModelSpec, encode_example
+from packrat.modelspec import ModelSpec, encode_example, load_model
 from packrat.optimizer import Optimizer
 from packrat.policy import plan_for_batch
 from packrat.profile import read_profile
@@ -182,7 +182,10 @@ def _serve(options: ServeOptions, say) -> None:
             # here must not leave TorchServe running
             log.info("stopping TorchServe")
             stop_server(server)
-        _clear_versions(run)
+        if server is not None or find_server(run.torchserve) is None:
+            # never the files of a TorchServe that still serves (a controller that failed
+            # before adopting it leaves it as it found it)
+            _clear_versions(run)
         lock.release()
         logging.getLogger("packrat").removeHandler(handler)
         handler.close()
@@ -196,6 +199,15 @@ def _prepare_model(run: RunDir, src: ModelSource, cores, options: ServeOptions, 
     if src.profile is not None:
         profile = read_profile(src.profile)
         say(f"{name}: profile {src.profile}")
+        # the profiler would have loaded it: find bad weights or model code before TorchServe
+        # does, where all it says is "Failed to start workers"
+        try:
+            load_model(base)
+        except PackratError:
+            raise
+        except Exception as e:
+            raise PackratError(f"model {name}: {src.archive} does not load ({type(e).__name__}: "
+                               f"{' '.join(str(e).split())[:300]})") from None
     else:
         settings = ProfileSettings(threads=default_threads(len(cores)), max_batch=options.max_batch)
 
@@ -207,6 +219,9 @@ def _prepare_model(run: RunDir, src: ModelSource, cores, options: ServeOptions, 
         result = profile_archive(Path(src.archive), settings, progress=progress)
         profile = result.profile
     opt = Optimizer(profile, len(cores))
+    if options.initial_batch > opt.max_servable:
+        raise PackratError(f"--initial-batch {options.initial_batch}: the profile of {name} serves "
+                           f"at most B = {opt.max_servable} on {len(cores)} cores")
     return ModelRuntime(name=name, base_dir=base, optimizer=opt, cores=tuple(cores),
                         spec=ModelSpec.load(base),
                         profile_path=None if src.profile is not None else result.path)
@@ -335,7 +350,10 @@ def status(run_dir: Path) -> dict:
     run = RunDir(run_dir)
     if not run.state_file.is_file():
         raise PackratError(f"{run.path} holds no Packrat state; is `packrat serve --run-dir {run.path}` running?")
-    state = read_json(run.state_file, {})
+    state = read_json(run.state_file, None)
+    if not isinstance(state, dict) or not isinstance(state.get("models", {}), dict):
+        raise PackratError(f"{run.state_file} is not a Packrat state file; stop what runs there "
+                           f"(`packrat stop --run-dir {run.path}`) and serve again")
     server = find_server(run.torchserve)
     now = time.time()
     models = {}

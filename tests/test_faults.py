@@ -101,7 +101,12 @@ def test_frontend_killed_is_restarted_and_serves_the_plan_again(served):
 
 def test_killed_controller_is_adopted_without_losing_requests(served, tmp_path):
     proc, run, example = served
+    # hold the plan (manual mode survives the restart), so that no switch changes the workers
+    out = packrat("reconfigure", "--run-dir", run, "--model", "small-cnn", "--instances", 1,
+                  "--threads", 2, "--batch", 1)
+    assert out.returncode == 0 and "already serves" in out.stdout + out.stderr, out.stderr
     before = status(run)
+    assert before["models"]["small-cnn"]["auto"] is False
     pids_before = sorted(server_processes(RunDir(run).torchserve))
     load = load_for(run, example)
     load.set_concurrency(2)
@@ -112,6 +117,13 @@ def test_killed_controller_is_adopted_without_losing_requests(served, tmp_path):
     args = [sys.executable, "-m", "packrat.cli", "serve", "--run-dir", run, "--models",
             f"small-cnn={mar}", "--profiles", f"small-cnn={run.parent / 'small.csv'}",
             "--interval", "0.5"]
+    # a controller that fails before adopting (bad input) leaves the live server's files alone
+    bad = subprocess.run([*args, "--initial-batch", "100000"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode != 0 and "serves at most B = 16" in bad.stderr, bad.stderr
+    version = before["models"]["small-cnn"]["version"]
+    assert RunDir(run).version_dir("small-cnn", version).is_dir()
+    assert RunDir(run).read_plan("small-cnn", version) is not None
     log = open(tmp_path / "serve2.log", "w")
     again = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -122,6 +134,7 @@ def test_killed_controller_is_adopted_without_losing_requests(served, tmp_path):
         assert after["torchserve_pid"] == before["torchserve_pid"]  # no second TorchServe
         assert sorted(server_processes(RunDir(run).torchserve)) == pids_before  # same workers
         assert after["models"]["small-cnn"]["version"] == before["models"]["small-cnn"]["version"]
+        assert after["models"]["small-cnn"]["auto"] is False
         versions = TorchServeClient(load_settings(RunDir(run).torchserve)).versions("small-cnn")
         assert [v.version for v in versions] == [before["models"]["small-cnn"]["version"]]
         result = load.stop()

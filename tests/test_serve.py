@@ -46,6 +46,8 @@ def test_reconfigure_errors(served):
     assert bad.returncode != 0 and "need 18 cores" in bad.stderr
     unknown = packrat("reconfigure", "--run-dir", run, "--model", "nope", "--for-batch", 2)
     assert unknown.returncode != 0 and "no model 'nope'" in unknown.stderr
+    beyond = packrat("reconfigure", "--run-dir", run, "--model", "small-cnn", "--for-batch", 17)
+    assert beyond.returncode != 0 and "the profile serves B = 1..16" in beyond.stderr
     half = packrat("reconfigure", "--run-dir", run, "--model", "small-cnn", "--threads", 1)
     assert half.returncode != 0 and "together" in half.stderr
     second = packrat("serve", "--run-dir", run, "--models", "x=y.mar")
