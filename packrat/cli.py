@@ -490,8 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     dm = sub.add_parser("demo", help="archive, serve, load with changing concurrency, compare, stop")
     dm.add_argument("--zoo", default="resnet50", help="zoo model (default resnet50)")
     dm.add_argument("--out", default="out/demo", help="archives and run directory (default out/demo)")
-    dm.add_argument("--phases", default="1:20,8:40,1:20",
-                    help="CLIENTS:SECONDS,... (default 1:20,8:40,1:20)")
+    dm.add_argument("--phases", default="1:20,8:40,1:30",
+                    help="CLIENTS:SECONDS,... (default 1:20,8:40,1:30)")
     dm.add_argument("--baseline-seconds", type=float, default=15,
                     help="seconds of baseline serving after each phase (default 15)")
     dm.set_defaults(func=cmd_demo)
