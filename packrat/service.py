@@ -243,10 +243,14 @@ def _calibrate(controller: Controller, m: ModelRuntime, adopting: bool, say) -> 
                 m.next_version += 1
                 yield str(m.next_version - 1)
 
-        calibration = calibrate(controller.run, controller.client, m.base_dir, m.name,
-                                read_profile(m.profile_path), m.cores,
-                                json.dumps(encode_example(m.spec)).encode(), versions(),
-                                max_batch_delay_ms=delay, say=say)
+        try:
+            calibration = calibrate(controller.run, controller.client, m.base_dir, m.name,
+                                    read_profile(m.profile_path), m.cores,
+                                    json.dumps(encode_example(m.spec)).encode(), versions(),
+                                    max_batch_delay_ms=delay, say=say)
+        except PackratError as e:  # serving matters more than a better plan
+            say(f"{m.name}: calibration failed ({e}); planning with the profile as measured")
+            return
         save_calibration(calibration, path)
     m.optimizer = Optimizer(scale_profile(read_profile(m.profile_path), calibration), len(m.cores))
     m.calibration = calibration.describe()
