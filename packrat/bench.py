@@ -583,12 +583,13 @@ class _Bench:
             watch = ForeignCpu(self.run.torchserve)
             for attempt in range(1, ATTEMPTS + 1):
                 wait_quiet(watch, self.say, f"calibrating {m.name}", self.options.quiet_wait_s)
-                watch.start()
                 cal = calibrate(self.run, self.client, m.base_dir, m.name,
                                 read_profile(m.profile_path), self.cores, m.body, versions(),
                                 max_batch_delay_ms=self.options.max_batch_delay_ms,
-                                say=lambda msg: self.say(f"{self.elapsed()} {msg}"))
-                foreign = watch.cores()
+                                say=lambda msg: self.say(f"{self.elapsed()} {msg}"), watch=watch)
+                # read over each measurement only: workers that started and stopped between
+                # them are ours but gone, and would count as foreign over the whole span
+                foreign = max(p.foreign_cores for p in cal.points)
                 if foreign <= FOREIGN_LIMIT_CORES:
                     break
                 # a disturbed calibration misranks plans as surely as a disturbed profile

@@ -42,6 +42,7 @@ class CalibrationPoint:
     batch: int          # per instance
     profiled_ms: float
     served_ms: float    # median latency of a request, batches of `batch` formed by the load
+    foreign_cores: float = 0.0  # CPU other processes used meanwhile, if it was watched
 
     @property
     def scale(self) -> float:
@@ -125,9 +126,10 @@ def save_calibration(calibration: Calibration, path: Path) -> None:
 def calibrate(run, client, base_dir: Path, name: str, profile: Profile, cores: tuple[int, ...],
               body: bytes, versions: Iterator[str], *, max_batch_delay_ms: int = 10,
               target: int | None = None, min_seconds: float = 3.0, min_batches: int = 8,
-              say: Callable[[str], None] = lambda s: None) -> Calibration:
+              say: Callable[[str], None] = lambda s: None, watch=None) -> Calibration:
     """Serve each thread count's plan through TorchServe, measure it, delete it. target:
-    the total batch the plans are sized for (default max(8, N))."""
+    the total batch the plans are sized for (default max(8, N)). watch: an object with
+    start() and cores() (packrat.bench.ForeignCpu) read over each measurement."""
     from packrat.controller import deploy_version, remove_version_files
     from packrat.optimizer import Optimizer
     from packrat.policy import manual_plan
@@ -150,15 +152,17 @@ def calibrate(run, client, base_dir: Path, name: str, profile: Profile, cores: t
             deploy_version(run, client, base_dir, name, version, plan, instances=instances,
                            batch_size=batch, max_batch_delay_ms=max_batch_delay_ms,
                            warm_body=body, response_timeout_s=max(120, int(20 * profiled / 1000)))
-            served = _served_latency(client, name, version, body, instances * batch,
-                                     max(min_seconds, min_batches * profiled / 1000), profiled)
+            served, foreign = _served_latency(client, name, version, body, instances * batch,
+                                              max(min_seconds, min_batches * profiled / 1000),
+                                              profiled, watch)
         finally:
             try:
                 if any(v.version == version for v in client.versions(name)):
                     client.unregister(name, version)
             finally:
                 remove_version_files(run, name, version)
-        point = CalibrationPoint(threads, instances, batch, round(profiled, 3), round(served, 3))
+        point = CalibrationPoint(threads, instances, batch, round(profiled, 3), round(served, 3),
+                                 round(foreign, 3))
         say(f"{name}: {plan.describe()} served in {served:.1f} ms, profiled {profiled:.1f} "
             f"(x{point.scale:.2f})")
         points.append(point)
@@ -166,7 +170,9 @@ def calibrate(run, client, base_dir: Path, name: str, profile: Profile, cores: t
 
 
 def _served_latency(client, name: str, version: str, body: bytes, clients: int,
-                    seconds: float, profiled_ms: float) -> float:
+                    seconds: float, profiled_ms: float, watch=None) -> tuple[float, float]:
+    """Median request latency of the version under `clients` closed-loop clients, and the
+    foreign CPU (cores) meanwhile if watched."""
     from packrat.loadgen import ClosedLoop
 
     timeout = max(60.0, 20 * profiled_ms / 1000)
@@ -188,7 +194,10 @@ def _served_latency(client, name: str, version: str, body: bytes, clients: int,
     try:
         time.sleep(2 * profiled_ms / 1000 + 0.2)  # the clients fall into step
         measuring.set()
+        if watch is not None:
+            watch.start()
         time.sleep(seconds)
+        foreign = watch.cores() if watch is not None else 0.0
     finally:
         result = load.stop()
     lost = len(result.failures) + len(result.unanswered)
@@ -196,4 +205,4 @@ def _served_latency(client, name: str, version: str, body: bytes, clients: int,
         first = (result.failures + result.unanswered + ["no answer"])[0]
         raise PackratError(f"{name}: calibration requests failed ({lost} lost, e.g. {first}); "
                            "serve with --no-calibrate to skip calibration")
-    return statistics.median(samples)
+    return statistics.median(samples), foreign
