@@ -192,12 +192,7 @@ def check_archive(path: Path) -> None:
     command can refuse a bad archive before it starts anything."""
     path = Path(path)
     if path.is_dir():
-        if not (path / MANIFEST_FILE).is_file():
-            raise ArchiveError(
-                f"{path} is a directory without {MANIFEST_FILE}; "
-                "pass a .mar file or an unpacked archive directory"
-            )
-        check_model_dir(path, path)
+        extract_archive(path, path)  # a directory is only checked, never copied
         return
     if not path.is_file():
         raise ArchiveError(f"archive {path} not found")
