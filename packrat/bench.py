@@ -566,7 +566,7 @@ class _Bench:
         `packrat serve` does."""
         from packrat.calibration import (
             calibrate, calibration_path, default_target, load_calibration, save_calibration,
-            scale_profile,
+            scale_profile, version_numbers,
         )
         from packrat.profile import read_profile
 
@@ -574,17 +574,13 @@ class _Bench:
         path = calibration_path(m.profile_path, n, self.options.max_batch_delay_ms,
                                 default_target(n))
         cal = load_calibration(path)
+        profile = read_profile(m.profile_path)
         if cal is None:
-            def versions():
-                while True:
-                    m.next_version += 1
-                    yield str(m.next_version - 1)
-
             watch = ForeignCpu(self.run.torchserve)
             for attempt in range(1, ATTEMPTS + 1):
                 wait_quiet(watch, self.say, f"calibrating {m.name}", self.options.quiet_wait_s)
-                cal = calibrate(self.run, self.client, m.base_dir, m.name,
-                                read_profile(m.profile_path), self.cores, m.body, versions(),
+                cal = calibrate(self.run, self.client, m.base_dir, m.name, profile, self.cores,
+                                m.body, version_numbers(m),
                                 max_batch_delay_ms=self.options.max_batch_delay_ms,
                                 say=lambda msg: self.say(f"{self.elapsed()} {msg}"), watch=watch)
                 # read over each measurement only: workers that started and stopped between
@@ -596,7 +592,7 @@ class _Bench:
                 self.say(f"{m.name}: other processes used {foreign:.2f} cores while calibrating"
                          + ("; calibrating again" if attempt < ATTEMPTS else "; keeping it"))
             save_calibration(cal, path)
-        m.opt = Optimizer(scale_profile(read_profile(m.profile_path), cal), n)
+        m.opt = Optimizer(scale_profile(profile, cal), n)
         m.calibration = cal.describe()
         self.say(f"{self.elapsed()} {m.name}: calibrated profile ({m.calibration}; {path})")
 

@@ -20,7 +20,6 @@ thread count; cached.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import statistics
 import threading
@@ -31,9 +30,6 @@ from typing import Callable, Iterator
 
 from packrat.errors import PackratError
 from packrat.profile import Profile
-
-log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class CalibrationPoint:
@@ -101,6 +97,14 @@ def calibration_batch(profile: Profile, threads: int, instances: int, target: in
     row = sorted(b for t, b in ((p.threads, p.batch) for p in profile.points) if t == threads)
     fitting = [b for b in row if instances * b <= max(target, instances)]
     return fitting[-1] if fitting else row[0]
+
+
+def version_numbers(holder) -> Iterator[str]:
+    """Version names for calibration, taken from holder.next_version (the model's counter in
+    the controller and in bench), so later versions never reuse them."""
+    while True:
+        holder.next_version += 1
+        yield str(holder.next_version - 1)
 
 
 def default_target(cores: int) -> int:

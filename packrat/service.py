@@ -22,6 +22,7 @@ from pathlib import Path
 from packrat.archive import extract_archive
 from packrat.calibration import (
     calibrate, calibration_path, default_target, load_calibration, save_calibration, scale_profile,
+    version_numbers,
 )
 from packrat.controller import Controller, ControllerParams, ModelRuntime
 from packrat.cpus import usable_cores
@@ -237,22 +238,18 @@ def _calibrate(controller: Controller, m: ModelRuntime, adopting: bool, say) -> 
     if calibration is None and adopting:
         say(f"{m.name}: no cached calibration; planning with the profile as measured")
         return
+    profile = read_profile(m.profile_path)
     if calibration is None:
-        def versions():
-            while True:
-                m.next_version += 1
-                yield str(m.next_version - 1)
-
         try:
             calibration = calibrate(controller.run, controller.client, m.base_dir, m.name,
-                                    read_profile(m.profile_path), m.cores,
-                                    json.dumps(encode_example(m.spec)).encode(), versions(),
+                                    profile, m.cores, json.dumps(encode_example(m.spec)).encode(),
+                                    version_numbers(m),
                                     max_batch_delay_ms=delay, say=say)
         except PackratError as e:  # serving matters more than a better plan
             say(f"{m.name}: calibration failed ({e}); planning with the profile as measured")
             return
         save_calibration(calibration, path)
-    m.optimizer = Optimizer(scale_profile(read_profile(m.profile_path), calibration), len(m.cores))
+    m.optimizer = Optimizer(scale_profile(profile, calibration), len(m.cores))
     m.calibration = calibration.describe()
     say(f"{m.name}: calibrated profile ({m.calibration}; {path})")
 
