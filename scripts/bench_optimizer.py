@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from packrat.optimizer import Optimizer  # noqa: E402
-from packrat.profile import Profile, ProfilePoint  # noqa: E402
+from packrat.core.optimizer import Optimizer  # noqa: E402
+from packrat.core.profile import Profile, ProfilePoint  # noqa: E402
 
 
 def synthetic_profile(max_threads: int, max_batch: int) -> Profile:

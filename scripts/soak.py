@@ -27,11 +27,11 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from packrat.archive import build_zoo_archive  # noqa: E402
-from packrat.cpus import usable_cores  # noqa: E402
-from packrat.loadgen import ClosedLoop  # noqa: E402
-from packrat.rundir import RunDir  # noqa: E402
-from packrat.service import reconfigure, status  # noqa: E402
+from packrat.model.archive import build_zoo_archive  # noqa: E402
+from packrat.measure.cpus import usable_cores  # noqa: E402
+from packrat.measure.loadgen import ClosedLoop  # noqa: E402
+from packrat.serving.rundir import RunDir  # noqa: E402
+from packrat.serving.ops import reconfigure, status  # noqa: E402
 from packrat.torchserve import TorchServeClient, load_settings, server_processes  # noqa: E402
 
 

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from packrat.archive import build_zoo_archive
-from packrat.rundir import RunDir
+from packrat.model.archive import build_zoo_archive
+from packrat.serving.rundir import RunDir
 from packrat.torchserve import server_processes
 from tests.serving import PROFILE, packrat, status, wait_for
 

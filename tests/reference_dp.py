@@ -1,4 +1,4 @@
-"""Slow, obviously-correct planners used as oracles for packrat.optimizer in tests."""
+"""Slow, obviously-correct planners used as oracles for packrat.core.optimizer in tests."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from functools import lru_cache
 
 def cost(table: dict[int, dict[int, float]], t: int, b: int) -> float:
     """Latency of one t-thread instance serving b: the smallest profiled batch >= b, made
-    monotone (a smaller batch is never slower), as packrat.optimizer defines it."""
+    monotone (a smaller batch is never slower), as packrat.core.optimizer defines it."""
     row = table.get(t, {})
     above = [row[q] for q in row if q >= b]
     return min(above) if above else math.inf

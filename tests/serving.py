@@ -6,9 +6,9 @@ import subprocess
 import sys
 import time
 
-from packrat.cpus import usable_cores
-from packrat.loadgen import ClosedLoop
-from packrat.rundir import RunDir
+from packrat.measure.cpus import usable_cores
+from packrat.measure.loadgen import ClosedLoop
+from packrat.serving.rundir import RunDir
 from packrat.torchserve import TorchServeClient, load_settings
 
 CORES = usable_cores()

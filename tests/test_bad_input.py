@@ -50,12 +50,13 @@ from pathlib import Path
 
 import pytest
 
-from packrat.archive import build_zoo_archive
+from packrat.model.archive import build_zoo_archive
 from packrat.cli import main
-from packrat.cpus import usable_cores
+from packrat.measure.cpus import usable_cores
 from packrat.errors import PackratError, RequestError
-from packrat.modelspec import MAX_BODY_BYTES, decode_request
-from packrat.zoo import get_zoo_model
+from packrat.model.spec import MAX_BODY_BYTES
+from packrat.model.wire import decode_request
+from packrat.model.zoo import get_zoo_model
 
 GOOD = "threads,batch,latency_ms\n1,1,10\n1,2,19\n2,1,6\n2,2,11\n"
 HEADER = "threads,batch,latency_ms\n"
@@ -514,7 +515,7 @@ def test_too_large_bodies_are_refused_before_allocating(case):
 def test_handler_answers_each_bad_request_alone(small_cnn, tmp_path):
     # The handler as TorchServe drives it: one batch of good and bad requests; each bad one
     # gets its error, the good ones their output, and the handler goes on serving.
-    from packrat.archive import extract_archive
+    from packrat.model.archive import extract_archive
     from tests.test_zoo_archive import make_handler
 
     model_dir = extract_archive(small_cnn.mar_path, tmp_path / "m")

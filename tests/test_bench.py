@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from packrat.bench import (
+from packrat.bench.configs import (
     Config,
     RoundResult,
     baseline_config,
@@ -21,10 +21,10 @@ from packrat.bench import (
     rotated,
     round_result,
 )
-from packrat.optimizer import Optimizer
-from packrat.policy import plan_for_batch
-from packrat.profile import Profile, ProfilePoint
-from packrat.rundir import RunDir
+from packrat.core.optimizer import Optimizer
+from packrat.core.policy import plan_for_batch
+from packrat.core.profile import Profile, ProfilePoint
+from packrat.serving.rundir import RunDir
 from packrat.torchserve import server_processes, torchserve_command
 
 

@@ -5,16 +5,16 @@ import itertools
 
 import pytest
 
-from packrat.archive import build_zoo_archive, extract_archive
-from packrat.calibration import (
-    Calibration, CalibrationPoint, calibrate, calibration_batch, calibration_path,
-    load_calibration, save_calibration, scale_profile,
+from packrat.model.archive import build_zoo_archive, extract_archive
+from packrat.core.calibration import Calibration, CalibrationPoint, calibration_batch, scale_profile
+from packrat.serving.calibrate import (
+    calibrate, calibration_path, load_calibration, save_calibration,
 )
-from packrat.cpus import usable_cores
-from packrat.optimizer import Optimizer
-from packrat.policy import plan_for_batch
-from packrat.profile import Profile, ProfilePoint
-from packrat.rundir import RUN_DIR_ENV, RunDir
+from packrat.measure.cpus import usable_cores
+from packrat.core.optimizer import Optimizer
+from packrat.core.policy import plan_for_batch
+from packrat.core.profile import Profile, ProfilePoint
+from packrat.serving.rundir import RUN_DIR_ENV, RunDir
 from packrat.torchserve import (
     Ports, ServerSettings, TorchServeClient, find_server, start_server, stop_server,
 )

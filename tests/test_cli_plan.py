@@ -95,7 +95,7 @@ def test_plan_errors_are_one_line(tmp_path, content, args, message):
 def test_plan_on_a_profile_measured_by_packrat_on_16_cores():
     """tests/data holds `packrat profile` output from a 16-core Xeon server (with metadata)."""
     data = Path(__file__).parent / "data"
-    from packrat.profile import read_profile
+    from packrat.core.profile import read_profile
 
     profile = read_profile(data / "xeon16-resnet50.csv")
     assert profile.meta.cores == tuple(range(16)) and profile.meta.model == "resnet50"

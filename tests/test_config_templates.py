@@ -1,10 +1,9 @@
 import string
-from pathlib import Path
 
-CONFIG = Path(__file__).resolve().parents[1] / "config"
+from packrat.torchserve import TEMPLATES as CONFIG
 
 
-def placeholders(path: Path) -> set[str]:
+def placeholders(path) -> set[str]:
     return {field for _, field, _, _ in string.Formatter().parse(path.read_text()) if field}
 
 

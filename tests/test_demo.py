@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from packrat.rundir import RunDir
+from packrat.serving.rundir import RunDir
 from packrat.torchserve import server_processes
 
 pytestmark = pytest.mark.integration

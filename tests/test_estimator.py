@@ -13,7 +13,7 @@ from collections import Counter, deque
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from packrat.estimator import EstimatorParams, EstimatorState, Sample, load_from, observe
+from packrat.core.estimator import EstimatorParams, EstimatorState, Sample, load_from, observe
 
 P = EstimatorParams()
 SEEDS = range(10)

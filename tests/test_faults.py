@@ -12,16 +12,16 @@ import time
 import psutil
 import pytest
 
-from packrat.archive import build_zoo_archive, extract_archive
-from packrat.controller import Controller, ControllerParams, ModelRuntime
+from packrat.model.archive import build_zoo_archive, extract_archive
+from packrat.serving.controller import Controller, ControllerParams, ModelRuntime
 from packrat.errors import TorchServeError
-from packrat.loadgen import ClosedLoop
-from packrat.modelspec import ModelSpec
-from packrat.optimizer import Optimizer
-from packrat.policy import manual_plan
-from packrat.profile import read_profile
-from packrat.rundir import RUN_DIR_ENV, RunDir
-from packrat.service import status as service_status
+from packrat.measure.loadgen import ClosedLoop
+from packrat.model.spec import ModelSpec
+from packrat.core.optimizer import Optimizer
+from packrat.core.policy import manual_plan
+from packrat.core.profile import read_profile
+from packrat.serving.rundir import RUN_DIR_ENV, RunDir
+from packrat.serving.ops import status as service_status
 from packrat.torchserve import (
     Ports, ServerSettings, TorchServeClient, find_server, load_settings, server_processes,
     start_server, stop_server,

@@ -8,17 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from packrat.errors import ArchiveError, PackratError, RequestError
-from packrat.modelspec import (
-    MAX_BODY_BYTES,
-    SPEC_FILE,
-    InputSpec,
-    ModelSpec,
-    decode_request,
-    encode_b64,
-    encode_example,
-    load_model,
-    synthetic_batch,
-)
+from packrat.model.loader import load_model
+from packrat.model.spec import MAX_BODY_BYTES, SPEC_FILE, InputSpec, ModelSpec
+from packrat.model.wire import decode_request, encode_b64, encode_example, synthetic_batch
 
 IMAGE = ModelSpec("Model", (InputSpec("pixel_values", (3, 32, 32), "float32"),))
 TOKENS = ModelSpec("Model", (InputSpec("input_ids", (8,), "int64", high=100),))

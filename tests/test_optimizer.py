@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from packrat.errors import PlanError
-from packrat.optimizer import Optimizer, mean_speedup
-from packrat.profile import Profile, ProfilePoint, read_profile
+from packrat.core.optimizer import Optimizer, mean_speedup
+from packrat.core.profile import Profile, ProfilePoint, read_profile
 from tests.reference_dp import best_served, brute_force, cost, textbook_dp
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "packrat-cloudlab-16core"

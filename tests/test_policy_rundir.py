@@ -7,12 +7,14 @@ import time
 import pytest
 
 from packrat.errors import PackratError, PlanError
-from packrat.optimizer import Optimizer
-from packrat.policy import (
-    PolicyParams, manual_plan, plan_for_batch, served_latency, should_switch, slots_for,
+from packrat.core.optimizer import Optimizer
+from packrat.core.policy import (
+    PolicyParams, manual_plan, plan_for_batch, served_latency, should_switch,
 )
-from packrat.profile import Profile, ProfilePoint
-from packrat.rundir import RunDir, check_model_name, claim_slot
+from packrat.core.profile import Profile, ProfilePoint
+from packrat.core.plan import slots_for
+from packrat.serving.rundir import RunDir, check_model_name
+from packrat.worker.slots import claim_slot
 
 # 4 cores; one 4-thread instance is best for B=1, four 1-thread instances for B >= 4.
 TABLE = {
@@ -91,7 +93,7 @@ def test_bad_model_names(name):
 
 
 def _claim_and_report(path, queue, hold_s):
-    claim = claim_slot(RunDir(path), "m", "1", 2)
+    claim = claim_slot(RunDir(path).slot_dir("m", "1"), 2)
     queue.put(None if claim is None else claim[0])
     time.sleep(hold_s)
 

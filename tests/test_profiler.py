@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from packrat.archive import build_zoo_archive
-from packrat.cpus import usable_cores
-from packrat.profile import read_profile
-from packrat.profiler import latency_bound, batch_grid, default_threads
+from packrat.model.archive import build_zoo_archive
+from packrat.measure.cpus import usable_cores
+from packrat.core.profile import read_profile
+from packrat.measure.profiler import latency_bound, batch_grid, default_threads
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from packrat.errors import TorchServeError
-from packrat.rundir import RunDir
+from packrat.serving.rundir import RunDir
 from packrat.torchserve import TorchServeClient, load_settings
 from tests.serving import CORES, status
 

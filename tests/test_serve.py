@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from packrat.rundir import RunDir
+from packrat.serving.rundir import RunDir
 from packrat.torchserve import TorchServeClient, load_settings
 from tests.serving import CORES, assert_pinned, load_for, packrat, status, wait_for
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from packrat.archive import build_zoo_archive, extract_archive
+from packrat.model.archive import build_zoo_archive, extract_archive
 from packrat.errors import PackratError, TorchServeError
 from packrat.torchserve import (
     KEY_FILE,

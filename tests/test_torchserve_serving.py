@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from packrat.archive import build_zoo_archive
+from packrat.model.archive import build_zoo_archive
 from packrat.torchserve import (
     Ports,
     ServerSettings,

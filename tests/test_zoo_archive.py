@@ -11,16 +11,17 @@ import torch
 from ts.context import Context, RequestProcessor
 from ts.utils.util import list_classes_from_module
 
-from packrat.archive import (
-    HANDLER_PATH,
+from packrat.model.archive import (
+    handler_source,
     ArchiveResult,
     archive_digest,
     build_zoo_archive,
     extract_archive,
 )
 from packrat.errors import ArchiveError, PackratError
-from packrat.modelspec import decode_request, load_model, synthetic_batch
-from packrat.zoo import ZOO, build_model, get_zoo_model
+from packrat.model.wire import decode_request, synthetic_batch
+from packrat.model.loader import load_model
+from packrat.model.zoo import ZOO, build_model, get_zoo_model
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 
@@ -73,10 +74,10 @@ def test_unknown_zoo_name_lists_known_names(call):
 def test_zoo_import_does_not_need_transformers():
     code = (
         "import sys; sys.modules['transformers'] = None\n"
-        "import packrat.zoo, packrat.archive, packrat.modelspec\n"
+        "import packrat.model.zoo, packrat.model.archive, packrat.model.spec\n"
         "from packrat.errors import ArchiveError\n"
         "try:\n"
-        "    packrat.zoo.build_model(packrat.zoo.ZOO['resnet50'])\n"
+        "    packrat.model.zoo.build_model(packrat.model.zoo.ZOO['resnet50'])\n"
         "except ArchiveError as e:\n"
         "    print(e)\n"
     )
@@ -118,7 +119,7 @@ def test_archive_contents(small_cnn, model_dir):
     assert manifest["model"]["modelName"] == "small-cnn"
     assert manifest["model"]["modelVersion"] == "1.0"
     assert manifest["model"]["serializedFile"] == "weights.pt"
-    assert (model_dir / "packrat_handler.py").read_bytes() == HANDLER_PATH.read_bytes()
+    assert (model_dir / "packrat_handler.py").read_bytes() == handler_source()
 
 
 def test_archive_model_loads_and_matches_example(small_cnn, model_dir):
@@ -190,19 +191,6 @@ def test_handler_inference_on_synthetic_batch(model_dir):
     out2 = handler.inference(batch)
     assert out1.shape == (3, 10) and torch.equal(out1, out2)
     assert all(torch.equal(batch[k], copy[k]) for k in batch)
-
-
-def test_handler_threads_env(model_dir, monkeypatch):
-    monkeypatch.setenv("PACKRAT_THREADS", "zero")
-    with pytest.raises(PackratError, match="PACKRAT_THREADS='zero' must be a positive integer"):
-        make_handler(model_dir, 1)
-    original = torch.get_num_threads()
-    monkeypatch.setenv("PACKRAT_THREADS", "1")
-    try:
-        make_handler(model_dir, 1)
-        assert torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(original)
 
 
 def test_handler_bad_archive_fails_initialize(model_dir, tmp_path):

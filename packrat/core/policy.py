@@ -7,9 +7,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from packrat.core.optimizer import Optimizer
+from packrat.core.plan import ServedPlan, slots_for
 from packrat.errors import PlanError
-from packrat.optimizer import Optimizer
-from packrat.rundir import ServedPlan
 
 
 @dataclass(frozen=True)
@@ -17,16 +17,6 @@ class PolicyParams:
     # Switching costs seconds of worker start-up and a brief overlap on the same cores, so a
     # new plan must promise at least this much lower latency at the estimated batch size.
     min_gain: float = 0.05
-
-
-def slots_for(threads: int, instances: int, cores: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
-    """Give instance K the K-th run of `threads` cores, in Packrat's core order (physical first)."""
-    if threads * instances > len(cores):
-        raise PlanError(
-            f"{instances} instances x {threads} threads need {threads * instances} cores; "
-            f"only {len(cores)} are available ({','.join(map(str, cores))})"
-        )
-    return tuple(tuple(cores[k * threads:(k + 1) * threads]) for k in range(instances))
 
 
 def served_latency(opt: Optimizer, threads: int, instances: int, batch_size: int, batch: int,

@@ -1,6 +1,6 @@
 """The one module of Packrat that knows TorchServe 0.12: its URLs, ports, token and timeouts.
 
-Server lifecycle: `start_server(settings)` renders `config/` into `settings.workdir`, launches
+Server lifecycle: `start_server(settings)` renders its templates into `settings.workdir`, launches
 `torchserve --start --foreground --ncs` there and waits for `/ping`; `find_server(workdir)`
 and `load_settings(workdir)` let another process reconnect; `stop_server` stops it and
 verifies that nothing of it is left. `TorchServeClient` wraps the inference, management and
@@ -117,24 +117,26 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, replace
-from pathlib import Path
 from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from importlib import resources
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import psutil
 import requests
 
-from packrat.archive import extract_archive
 from packrat.errors import ArchiveError, TorchServeError
-from packrat.modelspec import MANIFEST_FILE
+from packrat.model.archive import extract_archive
+from packrat.model.spec import MANIFEST_FILE
 
 logger = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG_TEMPLATE = REPO / "config" / "config.properties.template"
-LOG4J_TEMPLATE = REPO / "config" / "log4j2.xml"
+# Package data: the config.properties and quiet log4j2 config every server starts from.
+TEMPLATES = resources.files("packrat.torchserve") / "templates"
+CONFIG_TEMPLATE = TEMPLATES / "config.properties.template"
+LOG4J_TEMPLATE = TEMPLATES / "log4j2.xml"
 
 CONFIG_FILE = "config.properties"
 LOG4J_FILE = "log4j2.xml"
@@ -592,7 +594,7 @@ def _render_config(settings: ServerSettings) -> Path:
         )
     except (OSError, KeyError, IndexError, ValueError) as e:
         raise TorchServeError(
-            f"cannot render the TorchServe config from {CONFIG_TEMPLATE.parent}: {e!r}"
+            f"cannot render the TorchServe config from {TEMPLATES}: {e!r}"
         ) from None
     overrides: dict[str, str] = {}
     if settings.host != "127.0.0.1":

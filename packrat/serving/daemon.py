@@ -8,33 +8,44 @@ each model with the plan for B = 1, then runs the control loop until SIGINT or S
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 import shutil
 import signal
-import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from packrat.archive import extract_archive
-from packrat.calibration import (
-    calibrate, calibration_path, default_target, load_calibration, save_calibration, scale_profile,
-    version_numbers,
-)
-from packrat.controller import Controller, ControllerParams, ModelRuntime
-from packrat.cpus import usable_cores
+from packrat.core.optimizer import Optimizer
+from packrat.core.policy import plan_for_batch
+from packrat.core.profile import read_profile
 from packrat.errors import PackratError
-from packrat.modelspec import ModelSpec, encode_example, load_model
-from packrat.optimizer import Optimizer
-from packrat.policy import plan_for_batch
-from packrat.profile import read_profile
-from packrat.profiler import ProfileSettings, default_threads, profile_archive
-from packrat.rundir import RUN_DIR_ENV, RunDir, check_model_name, read_json, write_json
+from packrat.measure.cpus import usable_cores
+from packrat.measure.profiler import ProfileSettings, default_threads, profile_archive
+from packrat.model.archive import extract_archive
+from packrat.model.loader import load_model
+from packrat.model.spec import ModelSpec
+from packrat.model.wire import encode_example
+from packrat.core.calibration import default_target, scale_profile
+from packrat.serving.calibrate import (
+    calibrate, calibration_path, load_calibration, save_calibration, version_numbers,
+)
+from packrat.serving.controller import Controller, ControllerParams, ModelRuntime
+from packrat.serving.rundir import (
+    RUN_DIR_ENV,
+    ControllerLock,
+    RunDir,
+    check_model_name,
+    read_json,
+)
 from packrat.torchserve import (
-    Ports, ServerSettings, TorchServeClient, find_server, load_settings, start_server, stop_server,
+    Ports,
+    ServerSettings,
+    TorchServeClient,
+    find_server,
+    load_settings,
+    start_server,
+    stop_server,
 )
 
 log = logging.getLogger(__name__)
@@ -55,55 +66,8 @@ class ServeOptions:
     ports: Ports | None = None
     max_batch: int = 32           # profiling grid
     initial_batch: int = 1
-    calibrate: bool = True        # scale measured profiles by served latency (packrat.calibration)
+    calibrate: bool = True        # scale measured profiles by served latency (packrat.serving.calibrate)
     controller: ControllerParams = ControllerParams()
-
-
-class ControllerLock:
-    """flock on RUN/controller.lock: one controller per run directory."""
-
-    def __init__(self, run: RunDir) -> None:
-        self.path = run.path / "controller.lock"
-        self.fh = None
-
-    def acquire(self) -> None:
-        fh = open(self.path, "a+")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            pid = fh.read().strip() or "?"
-            fh.close()
-            raise PackratError(
-                f"another packrat controller (pid {pid}) runs on {self.path.parent}; stop it "
-                f"with `packrat stop --run-dir {self.path.parent}` or use another --run-dir"
-            ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
-        self.fh = fh
-
-    def release(self) -> None:
-        if self.fh:
-            self.fh.close()
-            self.fh = None
-
-
-def controller_pid(run: RunDir) -> int | None:
-    """pid of the controller holding the lock, None if none runs."""
-    path = run.path / "controller.lock"
-    if not path.is_file():
-        return None
-    with open(path, "r") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            text = fh.read().strip()
-            return int(text) if text.isdigit() else None
-        fcntl.flock(fh, fcntl.LOCK_UN)
-        return None
 
 
 def serve(options: ServeOptions, say=print) -> None:
@@ -285,108 +249,3 @@ def _adopt_or_start(controller: Controller, m: ModelRuntime, batch: int, say) ->
 def _clear_versions(run: RunDir) -> None:
     for d in ("model_store", "plans", "slots"):
         shutil.rmtree(run.path / d, ignore_errors=True)
-
-
-def stop(run_dir: Path, timeout_s: float = 60) -> str:
-    run = RunDir(run_dir)
-    pid = controller_pid(run)
-    if pid is not None:
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        while controller_pid(run) is not None:
-            if time.monotonic() > deadline:
-                raise PackratError(f"controller {pid} did not stop in {timeout_s:.0f} s")
-            time.sleep(0.2)
-        return f"stopped the controller (pid {pid}) and its TorchServe"
-    server = find_server(run.torchserve)
-    if server is not None:
-        stop_server(server)
-        return f"no controller ran; stopped TorchServe (pid {server.frontend_pid})"
-    return f"nothing runs on {run.path}"
-
-
-def reconfigure(run_dir: Path, request: dict, timeout_s: float = 600) -> dict:
-    run = RunDir(run_dir)
-    if controller_pid(run) is None:
-        raise PackratError(f"no packrat controller runs on {run.path}; start `packrat serve` first")
-    rid = uuid.uuid4().hex
-    path = run.requests / f"{rid}.json"
-    write_json(path, request)
-    result = run.requests / f"{rid}.result.json"
-    deadline = time.monotonic() + timeout_s
-    while not result.is_file():
-        if time.monotonic() > deadline:
-            path.unlink(missing_ok=True)
-            raise PackratError(f"the controller did not answer in {timeout_s:.0f} s; see {run.log_file}")
-        if controller_pid(run) is None:
-            raise PackratError(f"the controller stopped before answering; see {run.log_file}")
-        time.sleep(0.2)
-    answer = read_json(result, {})
-    result.unlink(missing_ok=True)
-    return answer
-
-
-# -- status ----------------------------------------------------------------------------------
-
-def cpus_allowed(pid: int) -> list[int]:
-    """The cores a process may run on, from /proc/PID/status (as it really is)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("Cpus_allowed_list:"):
-                return _parse_cpu_list(line.split(":", 1)[1].strip())
-    except OSError:
-        pass
-    return []
-
-
-def _parse_cpu_list(text: str) -> list[int]:
-    out: list[int] = []
-    for part in filter(None, text.split(",")):
-        lo, _, hi = part.partition("-")
-        out.extend(range(int(lo), int(hi or lo) + 1))
-    return out
-
-
-def status(run_dir: Path) -> dict:
-    run = RunDir(run_dir)
-    if not run.state_file.is_file():
-        raise PackratError(f"{run.path} holds no Packrat state; is `packrat serve --run-dir {run.path}` running?")
-    state = read_json(run.state_file, None)
-    if not isinstance(state, dict) or not isinstance(state.get("models", {}), dict):
-        raise PackratError(f"{run.state_file} is not a Packrat state file; stop what runs there "
-                           f"(`packrat stop --run-dir {run.path}`) and serve again")
-    server = find_server(run.torchserve)
-    now = time.time()
-    models = {}
-    for name, st in state.get("models", {}).items():
-        version = st.get("version")
-        plan = run.read_plan(name, version) if version else None
-        instances = []
-        if plan is not None:
-            pids = run.slot_pids(name, version)  # the live worker holding each slot
-            for k, slot in enumerate(plan.slots):
-                pid = pids.get(k)
-                instances.append({
-                    "threads": plan.threads, "batch": plan.batch_size,
-                    "cores": cpus_allowed(pid) if pid else [], "planned_cores": list(slot),
-                    "pid": pid,
-                })
-        last = st.get("last_reconfiguration_unix")
-        models[name] = {
-            "version": version,
-            "estimated_batch": st.get("estimated_batch", 1),
-            "auto": st.get("auto", True),
-            "plan": {"instances": instances,
-                     "latency_ms": round(plan.predicted_ms, 3) if plan else None},
-            "reconfigurations": st.get("reconfigurations", 0),
-            "last_reconfiguration_s": round(now - last, 1) if last else None,
-            "last_error": st.get("last_error"),
-            "calibration": st.get("calibration"),
-        }
-    return {
-        "controller_pid": controller_pid(run),
-        "torchserve_pid": server.frontend_pid if server else None,
-        "torchserve_restarts": state.get("torchserve_restarts", 0),
-        "torchserve_event": state.get("torchserve_event"),
-        "models": models,
-    }

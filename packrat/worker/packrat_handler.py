@@ -4,26 +4,25 @@ TorchServe's loader takes the one class defined in this file as the handler, so 
 defines exactly one class; everything else lives in the `packrat` package, which must be
 installed in the worker's Python environment.
 
-Each request body is a JSON object mapping input names to values (see packrat.modelspec).
+Each request body is a JSON object mapping input names to values (see packrat.model.spec).
 A bad request is answered alone with HTTP 400 and `{"error": "..."}`; the rest of its batch
 is served and the worker stays up.
 """
 
 import logging
-import os
 import time
 
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from packrat.errors import PackratError, RequestError
-from packrat.cpus import pin_process
-from packrat.modelspec import decode_request, load_model
-from packrat.rundir import RUN_DIR_ENV, RunDir, claim_slot
+from packrat.measure.cpus import pin_process
+from packrat.model.loader import load_model
+from packrat.model.wire import decode_request
+from packrat.worker.slots import claim_slot, read_worker_config
 
 logger = logging.getLogger(__name__)
 
-THREADS_ENV = "PACKRAT_THREADS"
 # An HTTP reason phrase must be one short line; the full message goes in the response body.
 MAX_PHRASE_CHARS = 200
 
@@ -55,47 +54,31 @@ class PackratHandler(BaseHandler):
         """Claim a slot of the plan this version serves and pin to its cores, before the
         model loads (so torch's thread pools start with the right size and affinity).
 
-        Under `packrat serve`, PACKRAT_RUN_DIR names the run directory, which holds the plan
-        of each version and one lock per slot; the first free slot is ours as long as this
-        process lives. Without it, PACKRAT_THREADS (if set) only sets the thread count.
+        A version Packrat pins has WORKER_FILE in its directory: the plan and the directory
+        of one lock per slot; the first free slot is ours as long as this process lives.
+        Without it (TorchServe's default configuration in `packrat bench`) the worker runs
+        unpinned with torch's default threads.
         """
-        run_dir = os.environ.get(RUN_DIR_ENV)
-        if run_dir:
-            self._claim_slot(RunDir(run_dir), context)
+        model_dir = context.system_properties["model_dir"]
+        config = read_worker_config(model_dir)
+        if config is None:
+            logger.info("no Packrat plan in %s: running unpinned", model_dir)
             return
-        value = os.environ.get(THREADS_ENV)
-        if not value:
-            return
-        try:
-            threads = int(value)
-        except ValueError:
-            threads = 0
-        if threads < 1:
-            raise PackratError(f"{THREADS_ENV}={value!r} must be a positive integer")
-        _set_threads(threads)
-
-    def _claim_slot(self, run, context):
-        model = context.model_name
-        version = str(context.manifest["model"].get("modelVersion", ""))
-        plan = run.read_plan(model, version)
-        if plan is None:
-            logger.warning("no Packrat plan for %s version %s in %s: running unpinned",
-                           model, version, run.path)
-            return
+        plan = config.plan
         for _ in range(50):  # a worker being replaced may still hold its slot for a moment
-            claim = claim_slot(run, model, version, len(plan.slots))
+            claim = claim_slot(config.slot_dir, len(plan.slots))
             if claim is not None:
                 break
             time.sleep(0.1)
         else:
             raise PackratError(
-                f"{model} version {version}: all {len(plan.slots)} slots are taken; "
+                f"{plan.model} version {plan.version}: all {len(plan.slots)} slots are taken; "
                 "more workers than the plan has instances"
             )
         self.slot, self._slot_lock = claim  # the open file holds the lock for our lifetime
         pin_process(plan.slots[self.slot])
         _set_threads(plan.threads)
-        logger.info("%s v%s: slot %d, cores %s, %d threads", model, version, self.slot,
+        logger.info("%s v%s: slot %d, cores %s, %d threads", plan.model, plan.version, self.slot,
                     plan.slots[self.slot], plan.threads)
 
     def preprocess(self, requests):

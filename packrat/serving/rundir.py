@@ -19,9 +19,9 @@ import fcntl
 import json
 import os
 import re
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from packrat.core.plan import ServedPlan
 from packrat.errors import PackratError
 
 RUN_DIR_ENV = "PACKRAT_RUN_DIR"
@@ -43,37 +43,6 @@ def check_model_name(name: str) -> str:
             "slashes or dots)"
         )
     return name
-
-
-@dataclass(frozen=True)
-class ServedPlan:
-    """What one TorchServe model version runs: `instances` workers of `threads` threads,
-    batch_size `batch_size`, worker K pinned to slots[K]."""
-
-    model: str
-    version: str
-    threads: int
-    instances: int
-    batch_size: int
-    slots: tuple[tuple[int, ...], ...]
-    predicted_ms: float
-    for_batch: int
-
-    def same_shape(self, other: "ServedPlan | None") -> bool:
-        return other is not None and (self.threads, self.instances, self.batch_size) == (
-            other.threads, other.instances, other.batch_size)
-
-    def describe(self) -> str:
-        return f"{self.instances}x<t={self.threads},b={self.batch_size}>"
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @staticmethod
-    def from_json(data: dict) -> "ServedPlan":
-        data = dict(data)
-        data["slots"] = tuple(tuple(s) for s in data["slots"])
-        return ServedPlan(**data)
 
 
 class RunDir:
@@ -157,27 +126,6 @@ def _is_alive(pid: int) -> bool:
         return False
 
 
-def claim_slot(run: RunDir, model: str, version: str, slots: int):
-    """Take the first free slot of a version: returns (index, open file) or None if all are
-    taken. The flock is held as long as the file stays open, that is until the worker dies, so
-    a restarted worker finds its predecessor's slot free."""
-    d = run.slot_dir(model, version)
-    d.mkdir(parents=True, exist_ok=True)
-    for k in range(slots):
-        fh = open(d / f"{k}.lock", "a+")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.close()
-            continue
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
-        return k, fh
-    return None
-
-
 def write_json(path: Path, data) -> None:
     """Write atomically (readers never see half a file), mode 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -194,3 +142,50 @@ def read_json(path: Path, default=None):
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return default
+
+
+class ControllerLock:
+    """flock on RUN/controller.lock: one controller per run directory."""
+
+    def __init__(self, run: RunDir) -> None:
+        self.path = run.path / "controller.lock"
+        self.fh = None
+
+    def acquire(self) -> None:
+        fh = open(self.path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            pid = fh.read().strip() or "?"
+            fh.close()
+            raise PackratError(
+                f"another packrat controller (pid {pid}) runs on {self.path.parent}; stop it "
+                f"with `packrat stop --run-dir {self.path.parent}` or use another --run-dir"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        self.fh = fh
+
+    def release(self) -> None:
+        if self.fh:
+            self.fh.close()
+            self.fh = None
+
+
+def controller_pid(run: RunDir) -> int | None:
+    """pid of the controller holding the lock, None if none runs."""
+    path = run.path / "controller.lock"
+    if not path.is_file():
+        return None
+    with open(path, "r") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            text = fh.read().strip()
+            return int(text) if text.isdigit() else None
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        return None

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from packrat.core.plan import describe
 from packrat.errors import PackratError
 
 
@@ -44,10 +45,10 @@ def _p50(values):
 
 def run_demo(zoo: str, out: Path, phases: list[tuple[int, float]], baseline_s: float,
              say=print) -> DemoResult:
-    from packrat.archive import build_zoo_archive
-    from packrat.loadgen import ClosedLoop
-    from packrat.rundir import RunDir
-    from packrat.service import reconfigure, status
+    from packrat.measure.loadgen import ClosedLoop
+    from packrat.model.archive import build_zoo_archive
+    from packrat.serving.ops import reconfigure, status
+    from packrat.serving.rundir import RunDir
     from packrat.torchserve import TorchServeClient, load_settings
 
     started = time.monotonic()
@@ -62,7 +63,7 @@ def run_demo(zoo: str, out: Path, phases: list[tuple[int, float]], baseline_s: f
         say(f"{elapsed()} archiving {zoo}")
         build_zoo_archive(zoo, out, progress=lambda m: say(f"{elapsed()} {zoo}: {m}"))
     run = out / "run"
-    from packrat.service import controller_pid
+    from packrat.serving.rundir import controller_pid
 
     if controller_pid(RunDir(run)) is not None:
         raise PackratError(f"a packrat controller already runs on {run}; stop it with "
@@ -106,7 +107,7 @@ def run_demo(zoo: str, out: Path, phases: list[tuple[int, float]], baseline_s: f
             window = load.result.latencies_ms[settled:] or load.result.latencies_ms[mark:]
             packrat_ms = _p50(window)
             plan = _plan_text(status(run)["models"][zoo])
-            if plan == f"1x<t={cores},b={clients}>":  # Packrat serves the baseline itself
+            if plan == describe(1, cores, clients):  # Packrat serves the baseline itself
                 results.append(PhaseResult(clients, plan, packrat_ms, packrat_ms))
                 continue
             say(f"{elapsed()}   baseline for comparison: 1 instance, {cores} threads, batch {clients}")
@@ -140,7 +141,7 @@ def run_demo(zoo: str, out: Path, phases: list[tuple[int, float]], baseline_s: f
 
 def _serving(run: Path, zoo: str, pid: int) -> bool:
     """Our `packrat serve` (pid) is the live controller and serves the model."""
-    from packrat.service import status
+    from packrat.serving.ops import status
 
     try:
         report = status(run)
@@ -151,7 +152,7 @@ def _serving(run: Path, zoo: str, pid: int) -> bool:
 
 
 def stop_server_of(run: Path) -> None:
-    from packrat.rundir import RunDir
+    from packrat.serving.rundir import RunDir
     from packrat.torchserve import find_server, stop_server
 
     server = find_server(RunDir(run).torchserve)
@@ -163,7 +164,7 @@ def _plan_text(model_status: dict) -> str:
     inst = model_status["plan"]["instances"]
     if not inst:
         return "-"
-    return f"{len(inst)}x<t={inst[0]['threads']},b={inst[0]['batch']}>"
+    return describe(len(inst), inst[0]['threads'], inst[0]['batch'])
 
 
 def _fmt(ms):

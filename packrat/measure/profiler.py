@@ -2,7 +2,7 @@
 
 One subprocess per thread count t, pinned to t cores, times forward passes of the model loaded
 through the archive's own handler on batches b = 1, 2, 4, ... up to max_batch. The subprocesses
-are forked from one process that loaded the model once (packrat.profile_worker).
+are forked from one process that loaded the model once (packrat.measure.profile_worker).
 
 Targeted: thread counts are measured from the largest down. Before each, the optimizer solves
 the largest batch Bmax on what is known so far; that plan is feasible, so its latency U bounds
@@ -32,14 +32,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-import packrat
-from packrat.archive import archive_digest, extract_archive
-from packrat.cpus import cpu_model, usable_cores
-from packrat.errors import PlanError, ProfilerError
-from packrat.optimizer import Optimizer
-from packrat.profile import (
-    MAX_BATCH, Profile, ProfileMeta, ProfilePoint, read_profile, write_profile,
+from packrat.core.optimizer import Optimizer
+from packrat.core.profile import (
+    MAX_BATCH,
+    Profile,
+    ProfileMeta,
+    ProfilePoint,
+    read_profile,
+    write_profile,
 )
+from packrat.errors import PlanError, ProfilerError
+from packrat.measure.cpus import cpu_model, usable_cores
+from packrat.model.archive import archive_digest, extract_archive
 
 log = logging.getLogger(__name__)
 
@@ -203,9 +207,6 @@ def _run_worker(model_dir, settings, cores, progress, start) -> list[ProfilePoin
         "warmup": settings.warmup, "min_reps": settings.min_reps,
         "max_reps": settings.max_reps, "min_time_s": settings.min_time_s,
     }
-    env = dict(os.environ)
-    root = str(Path(packrat.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     total = len(settings.threads) * len(settings.batches)
     points: list[ProfilePoint] = []
     done = 0  # points measured or skipped
@@ -217,8 +218,8 @@ def _run_worker(model_dir, settings, cores, progress, start) -> list[ProfilePoin
     report("load")
     with tempfile.TemporaryFile(mode="w+") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "packrat.profile_worker", json.dumps(job)],
-            stdout=subprocess.PIPE, stderr=err, text=True, env=env,
+            [sys.executable, "-m", "packrat.measure.profile_worker", json.dumps(job)],
+            stdout=subprocess.PIPE, stderr=err, text=True,
         )
         try:
             row: list[ProfilePoint] = []

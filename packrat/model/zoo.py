@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from packrat.errors import ArchiveError
-from packrat.modelspec import InputSpec, ModelSpec
+from packrat.model.spec import InputSpec, ModelSpec
 
 logger = logging.getLogger(__name__)
 

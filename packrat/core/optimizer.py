@@ -31,8 +31,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from packrat.core.plan import describe
+from packrat.core.profile import MAX_THREADS, Profile
 from packrat.errors import PlanError
-from packrat.profile import MAX_THREADS, Profile
 
 # The solve costs O(points x N^2) time and an N x max_batch table: 1024 cores take well under
 # a second; a mistyped 100000000 would take the machine's memory instead.
@@ -72,7 +73,7 @@ class Plan:
         groups: dict[tuple[int, int], int] = {}
         for i in self.instances:
             groups[(i.threads, i.batch)] = groups.get((i.threads, i.batch), 0) + 1
-        parts = [f"{n}x<t={t},b={b}>" for (t, b), n in groups.items()]
+        parts = [describe(n, t, b) for (t, b), n in groups.items()]
         return " + ".join(parts)
 
     def to_json(self) -> dict:

@@ -1,6 +1,6 @@
 """The profiling processes: one model load, then one forked subprocess per thread count.
 
-Run by packrat.profiler as `python -m packrat.profile_worker JOB_JSON`. It loads the model once
+Run by packrat.measure.profiler as `python -m packrat.measure.profile_worker JOB_JSON`. It loads the model once
 through the archive's own handler (the code that serves it), without running it, then forks a
 child per thread count t: the child pins itself to its t cores, sets t torch threads, and times
 `handler.inference` on synthetic batches of increasing size. Loading once matters: importing
@@ -20,7 +20,7 @@ import time
 import traceback
 from pathlib import Path
 
-from packrat.cpus import pin_process
+from packrat.measure.cpus import pin_process
 
 
 def load_handler(model_dir: Path, batch_size: int = 1):
@@ -80,7 +80,7 @@ def main(job: dict) -> None:
     # with its own size and affinity (a pool that ran before fork would not survive it).
     torch.set_num_threads(1)
     torch.set_num_interop_threads(1)
-    from packrat.profiler import latency_bound
+    from packrat.measure.profiler import latency_bound
 
     t0 = time.perf_counter()
     handler = load_handler(Path(job["model_dir"]))
@@ -149,8 +149,7 @@ def _start_neighbors(handler, threads: int, job: dict):
 def _run_neighbor(handler, threads: int, cores: list[int], shared) -> None:
     import torch
 
-    from packrat.modelspec import synthetic_batch
-
+    from packrat.model.wire import synthetic_batch
     pin_process(cores)
     torch.set_num_threads(threads)
     inputs = {}
@@ -168,8 +167,7 @@ def measure_row(handler, threads: int, cores: list[int], cap, job: dict, out, sh
     neighbors (shared), they run the same batch size meanwhile; warm-up lets them catch up."""
     import torch
 
-    from packrat.modelspec import synthetic_batch
-
+    from packrat.model.wire import synthetic_batch
     pin_process(cores)  # this child has one thread; the pools it starts inherit the mask
     torch.set_num_threads(threads)
 

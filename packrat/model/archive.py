@@ -1,7 +1,7 @@
 """Build TorchServe model archives (.mar) from the zoo, unpack them and fingerprint them.
 
 An archive holds `model.py`, `weights.pt` (a state_dict), `packrat.json` (the ModelSpec)
-and Packrat's handler, `handlers/packrat_handler.py`. The worker imports `packrat` to load
+and Packrat's handler, `packrat_handler.py` (package data of `packrat.worker`). The worker imports `packrat` to load
 the model, so TorchServe must run in an environment where packrat is installed.
 """
 
@@ -19,26 +19,28 @@ import zipfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
 
 from packrat.errors import ArchiveError
-from packrat.modelspec import (
+from packrat.model.spec import (
     DEFAULT_WEIGHTS_FILE,
+    HANDLER_FILE,
+    HANDLER_PACKAGE,
     MANIFEST_FILE,
     MODEL_FILE,
     SPEC_FILE,
     ModelSpec,
-    encode_example,
 )
-from packrat.zoo import build_model, get_zoo_model, require_dependencies
+from packrat.model.wire import encode_example
+from packrat.model.zoo import build_model, get_zoo_model, require_dependencies
 
 logger = logging.getLogger(__name__)
 
 ARCHIVE_VERSION = "1.0"
-HANDLER_PATH = Path(__file__).resolve().parents[1] / "handlers" / "packrat_handler.py"
 # Writing a 500 MB zip of gpt2's weights takes a while; a hung archiver should still end.
 ARCHIVER_TIMEOUT_S = 900
 
@@ -50,14 +52,14 @@ class ArchiveResult:
     model_name: str
 
 
-def handler_path() -> Path:
-    """The handler file shipped in every archive; ArchiveError if this checkout lacks it."""
-    if not HANDLER_PATH.is_file():
-        raise ArchiveError(
-            f"handler {HANDLER_PATH} not found; Packrat must run from a source checkout "
-            "(pip install -e .) so that handlers/packrat_handler.py is next to packrat/"
-        )
-    return HANDLER_PATH
+def handler_source() -> bytes:
+    """The handler file shipped in every archive: package data of `packrat.worker` (read as a
+    file, never imported here: it is the worker process's entry point, above this layer)."""
+    try:
+        return (resources.files(HANDLER_PACKAGE) / HANDLER_FILE).read_bytes()
+    except OSError as e:
+        raise ArchiveError(f"Packrat's handler {HANDLER_PACKAGE}/{HANDLER_FILE} is missing "
+                           f"({e}); reinstall packrat") from None
 
 
 def _archiver_command() -> str:
@@ -79,7 +81,7 @@ def build_zoo_archive(
     """Write out_dir/NAME.mar and out_dir/NAME.example.json for the zoo model `name`."""
     entry = get_zoo_model(name)
     require_dependencies(entry)
-    handler = handler_path()
+    handler = handler_source()
     archiver = _archiver_command()
     out_dir = Path(out_dir).resolve()  # the archiver runs in a staging directory
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -93,6 +95,7 @@ def build_zoo_archive(
     with tempfile.TemporaryDirectory(prefix=f"packrat-{name}-") as tmp:
         staging = Path(tmp)
         (staging / MODEL_FILE).write_text(entry.source, encoding="utf-8")
+        (staging / HANDLER_FILE).write_bytes(handler)
         (staging / SPEC_FILE).write_text(
             json.dumps(entry.spec.to_json(), indent=2) + "\n", encoding="utf-8"
         )
@@ -108,7 +111,7 @@ def build_zoo_archive(
             "--version", ARCHIVE_VERSION,
             "--model-file", str(staging / MODEL_FILE),
             "--serialized-file", str(staging / DEFAULT_WEIGHTS_FILE),
-            "--handler", str(handler),
+            "--handler", str(staging / HANDLER_FILE),
             "--extra-files", str(staging / SPEC_FILE),
             "--export-path", str(out_dir),
             "--force",

@@ -1,0 +1,5 @@
+import sys
+
+from packrat.cli import main
+
+sys.exit(main())

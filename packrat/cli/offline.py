@@ -1,0 +1,111 @@
+"""`packrat archive`, `profile` and `plan`: the offline half, no server."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from packrat.cli.args import ProgressBar
+
+
+def cmd_archive(args) -> int:
+    from packrat.model.archive import build_zoo_archive
+
+    result = build_zoo_archive(
+        args.zoo, Path(args.out), progress=lambda msg: print(f"{args.zoo}: {msg}", file=sys.stderr)
+    )
+    print(f"archive: {result.mar_path}")
+    print(f"example request: {result.example_path}")
+    return 0
+
+
+# -- profile ---------------------------------------------------------------------------------
+
+def cmd_profile(args) -> int:
+    from packrat.core.profile import write_profile
+    from packrat.measure.cpus import usable_cores
+    from packrat.measure.profiler import (
+        ProfileSettings,
+        default_threads,
+        profile_archive,
+    )
+
+    cores = usable_cores()
+    settings = ProfileSettings(
+        threads=tuple(args.threads) if args.threads else default_threads(len(cores)),
+        max_batch=args.max_batch,
+        min_reps=args.reps,
+        max_reps=max(args.reps, 50),
+        min_time_s=args.min_time,
+        prune=not args.no_prune,
+        contended=not args.isolated,
+    )
+    bar = ProgressBar("profiling")
+
+    def progress(ev) -> None:
+        if ev.kind == "point":
+            text = f"t={ev.threads} b={ev.batch}: {ev.latency_ms:.1f} ms ({ev.elapsed_s:.0f} s)"
+        elif ev.kind == "load":
+            text = "loading the model"
+        elif ev.kind == "start":
+            text = f"t={ev.threads}: warming up ({ev.elapsed_s:.0f} s)"
+        elif ev.kind == "skip":
+            text = f"t={ev.threads}: b>={ev.batch} skipped, slower than any optimal plan"
+        else:
+            text = "cached"
+        bar.update(ev.done, ev.total, text)
+
+    try:
+        run = profile_archive(Path(args.archive), settings, force=args.force, progress=progress)
+    finally:
+        bar.close()
+    meta = run.profile.meta
+    if run.cached:
+        print(f"cached profile ({meta.measured_points} points measured on {meta.created}); "
+              f"--force measures again")
+    else:
+        print(f"measured {meta.measured_points} points in {meta.duration_s:.1f} s "
+              f"({meta.skipped_points} of {meta.measured_points + meta.skipped_points} skipped "
+              f"as unable to matter), cores {','.join(map(str, meta.cores))}")
+    print(f"profile: {run.path}")
+    if args.out:
+        write_profile(run.profile, Path(args.out))
+        print(f"written: {args.out}")
+    if args.plot:
+        from packrat.bench.plots import plot_profile
+
+        plot_profile(run.profile, len(cores), Path(args.plot), title=Path(args.archive).stem)
+        print(f"plot: {args.plot}")
+    return 0
+
+
+# -- plan ------------------------------------------------------------------------------------
+
+def cmd_plan(args) -> int:
+    from packrat.core.optimizer import Optimizer
+    from packrat.core.profile import read_profile
+
+    profile = read_profile(Path(args.profile), args.format, args.benchmark, args.allocator)
+    if args.cores is None:
+        from packrat.measure.cpus import usable_cores
+
+        args.cores = len(usable_cores())
+    opt = Optimizer(profile, args.cores)
+    results = [opt.plan(b) for b in args.batch]
+    if args.json:
+        data = [r.to_json() for r in results]
+        print(json.dumps(data[0] if len(data) == 1 else data, indent=2))
+        return 0
+    print(f"profile {args.profile}, N = {args.cores} cores; baseline = one "
+          f"{opt.threads[-1]}-thread instance serving the whole batch")
+    header = f"{'B':>6}  {'optimal plan':<28}{'ms':>10}  {'served plan':<28}{'ms':>10}  {'baseline ms':>11}  {'speedup':>7}"
+    print(header)
+    for r in results:
+        served = r.served.describe() if r.served else "-"
+        served_ms = f"{r.served.latency_ms:10.2f}" if r.served else f"{'-':>10}"
+        base = f"{r.baseline_latency_ms:11.2f}" if r.baseline_latency_ms else f"{'-':>11}"
+        speed = f"{r.speedup:6.2f}x" if r.speedup else f"{'-':>7}"
+        print(f"{r.batch:>6}  {r.optimal.describe():<28}{r.optimal.latency_ms:10.2f}  "
+              f"{served:<28}{served_ms}  {base}  {speed}")
+    return 0
