@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "packrat-cloudlab-16core"
+DATA = Path(__file__).resolve().parent / "data"  # see data/README.md
 
 
 def packrat(*args):
@@ -41,14 +41,14 @@ def test_plan_json_single_and_many(tmp_path):
 
 
 def test_plan_table_on_published_profile():
-    out = packrat("plan", "--profile", REFERENCE / "pytorch_resnet_latency.csv",
+    out = packrat("plan", "--profile", DATA / "pytorch_resnet_latency.csv",
                   "--cores", 16, "--batch", "8,1024")
     assert out.returncode == 0, out.stderr
     assert "8x<t=2,b=1>" in out.stdout and "16x<t=1,b=64>" in out.stdout
 
 
 def test_plan_for_many_more_cores_than_this_machine():
-    out = packrat("plan", "--profile", REFERENCE / "pytorch_bert_latency.csv",
+    out = packrat("plan", "--profile", DATA / "pytorch_bert_latency.csv",
                   "--cores", 128, "--batch", 1024, "--json")
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
@@ -56,7 +56,7 @@ def test_plan_for_many_more_cores_than_this_machine():
 
 
 def test_published_torchserve_format_is_read():
-    out = packrat("plan", "--profile", REFERENCE / "torchserve_bert_results.csv",
+    out = packrat("plan", "--profile", DATA / "torchserve_bert_results.csv",
                   "--cores", 16, "--batch", 32, "--json")
     assert out.returncode == 0, out.stderr
 
@@ -94,12 +94,11 @@ def test_plan_errors_are_one_line(tmp_path, content, args, message):
 
 def test_plan_on_a_profile_measured_by_packrat_on_16_cores():
     """tests/data holds `packrat profile` output from a 16-core Xeon server (with metadata)."""
-    data = Path(__file__).parent / "data"
     from packrat.core.profile import read_profile
 
-    profile = read_profile(data / "xeon16-resnet50.csv")
+    profile = read_profile(DATA / "xeon16-resnet50.csv")
     assert profile.meta.cores == tuple(range(16)) and profile.meta.model == "resnet50"
-    out = packrat("plan", "--profile", data / "xeon16-resnet50.csv", "--cores", 16,
+    out = packrat("plan", "--profile", DATA / "xeon16-resnet50.csv", "--cores", 16,
                   "--batch", "1,16", "--json")
     one, sixteen = json.loads(out.stdout)
     assert one["speedup"] == 1.0  # nothing to split

@@ -9,7 +9,7 @@ from packrat.core.optimizer import Optimizer, mean_speedup
 from packrat.core.profile import Profile, ProfilePoint, read_profile
 from tests.reference_dp import best_served, brute_force, cost, textbook_dp
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "packrat-cloudlab-16core"
+DATA = Path(__file__).resolve().parent / "data"  # see data/README.md
 
 
 def make_profile(table: dict[int, dict[int, float]]) -> Profile:
@@ -74,7 +74,7 @@ def test_dp_equals_textbook_recurrence_on_monotone_profiles(table, cores, batch)
 
 
 def test_textbook_recurrence_on_published_resnet_profile():
-    profile = read_profile(REFERENCE / "pytorch_resnet_latency.csv")
+    profile = read_profile(DATA / "pytorch_resnet_latency.csv")
     opt = Optimizer(profile, 8)
     table = {t: row for t, row in profile.table().items() if t <= 8}
     for b in (1, 3, 8, 13):
@@ -86,13 +86,13 @@ def test_textbook_recurrence_on_published_resnet_profile():
     [("resnet", 2.270), ("inception", 2.129), ("gpt2", 1.652), ("bert", 1.589)],
 )
 def test_published_anchor_figures(model, anchor):
-    profile = read_profile(REFERENCE / f"pytorch_{model}_latency.csv")
+    profile = read_profile(DATA / f"pytorch_{model}_latency.csv")
     batches = [2**k for k in range(3, 11)]
     assert mean_speedup(profile, 16, batches) == pytest.approx(anchor, rel=0.005)
 
 
 def test_plan_is_deterministic_and_serializable():
-    profile = read_profile(REFERENCE / "pytorch_bert_latency.csv")
+    profile = read_profile(DATA / "pytorch_bert_latency.csv")
     a = Optimizer(profile, 16).plan(100).to_json()
     b = Optimizer(profile, 16).plan(100).to_json()
     assert a == b
@@ -102,7 +102,7 @@ def test_plan_is_deterministic_and_serializable():
 
 
 def test_more_cores_than_profiled_allow_more_instances():
-    profile = read_profile(REFERENCE / "pytorch_resnet_latency.csv")
+    profile = read_profile(DATA / "pytorch_resnet_latency.csv")
     r16 = Optimizer(profile, 16).plan(64)
     r128 = Optimizer(profile, 128).plan(64)
     assert r128.optimal.latency_ms < r16.optimal.latency_ms

@@ -23,8 +23,6 @@ from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import torch
-
 from packrat.errors import ArchiveError
 from packrat.model.spec import (
     DEFAULT_WEIGHTS_FILE,
@@ -35,8 +33,10 @@ from packrat.model.spec import (
     SPEC_FILE,
     ModelSpec,
 )
-from packrat.model.wire import encode_example
-from packrat.model.zoo import build_model, get_zoo_model, require_dependencies
+
+# torch, packrat.model.zoo and packrat.model.wire (which import torch) are imported inside
+# build_zoo_archive only: the rest of this module (extract, check, digest) is what the
+# TorchServe layer and `packrat status/stop/plan` need, and must not cost a torch import.
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,11 @@ def build_zoo_archive(
     name: str, out_dir: Path, *, progress: Callable[[str], None] | None = None
 ) -> ArchiveResult:
     """Write out_dir/NAME.mar and out_dir/NAME.example.json for the zoo model `name`."""
+    import torch
+
+    from packrat.model.wire import encode_example
+    from packrat.model.zoo import build_model, get_zoo_model, require_dependencies
+
     entry = get_zoo_model(name)
     require_dependencies(entry)
     handler = handler_source()
