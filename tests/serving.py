@@ -2,6 +2,7 @@
 `served` fixture is in conftest.py."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -12,8 +13,13 @@ from packrat.serving.rundir import RunDir
 from packrat.torchserve import TorchServeClient, load_settings
 
 CORES = usable_cores()
+# `packrat serve --cores N_SERVE` in the tests: it takes the first N_SERVE usable cores, so the
+# figures below hold on a machine with any number of cores (at least N_SERVE).
+N_SERVE = 2
+SERVE_CORES = CORES[:N_SERVE]
 # A profile written for the test, so plans are known: with 2 cores, one 2-thread instance is
-# best for B = 1 and two 1-thread instances of batch B/2 for B >= 2.
+# best for B = 1 and two 1-thread instances of batch B/2 for B >= 2; the largest batch served
+# is PROFILE_MAX_BATCH per 1-thread instance.
 PROFILE = """threads,batch,latency_ms
 1,1,3.5
 1,2,7.0
@@ -24,6 +30,13 @@ PROFILE = """threads,batch,latency_ms
 2,4,8.0
 2,8,16.0
 """
+PROFILE_MAX_BATCH = 8
+
+
+def on_cores(cores):
+    """preexec_fn for a subprocess that must see only `cores` (its affinity mask, which
+    usable_cores reads): a command without --cores then plans for those alone."""
+    return lambda: os.sched_setaffinity(0, cores)
 
 
 def packrat(*args, timeout=120):
@@ -47,17 +60,28 @@ def wait_for(predicate, timeout=90, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def wait_answered(load, n, timeout=90):
+    """Wait until a load generator has had n requests answered (an event, not a duration)."""
+    try:
+        wait_for(lambda: load.result.answered >= n, timeout=timeout, what=f"{n} answered requests")
+    except AssertionError as e:
+        r = load.result
+        raise AssertionError(f"{e}: answered {r.answered}, failed {r.failures[:3]} "
+                             f"({len(r.failures)}), unanswered {r.unanswered[:3]} "
+                             f"({len(r.unanswered)})") from None
+
+
 def assert_pinned(model_status, instances, threads):
     plan = model_status["plan"]["instances"]
     assert len(plan) == instances
     seen = set()
     for inst in plan:
         assert inst["pid"], inst
-        assert inst["threads"] == threads
+        assert inst["threads"] == threads and len(inst["planned_cores"]) == threads, inst
         assert inst["cores"] == inst["planned_cores"], inst  # /proc/PID/status Cpus_allowed_list
         assert not seen & set(inst["cores"])  # disjoint
         seen |= set(inst["cores"])
-    assert seen <= set(CORES)
+    assert seen <= set(SERVE_CORES)  # `packrat serve --cores 2` uses these alone
 
 
 def load_for(run, example):

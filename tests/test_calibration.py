@@ -8,16 +8,17 @@ import pytest
 from packrat.model.archive import build_zoo_archive, extract_archive
 from packrat.core.calibration import Calibration, CalibrationPoint, calibration_batch, scale_profile
 from packrat.serving.calibrate import (
-    calibrate, calibration_path, load_calibration, save_calibration,
+    calibrate, calibrated_profile, calibration_path, load_calibration, save_calibration,
 )
 from packrat.measure.cpus import usable_cores
 from packrat.core.optimizer import Optimizer
 from packrat.core.policy import plan_for_batch
-from packrat.core.profile import Profile, ProfilePoint
-from packrat.serving.rundir import RUN_DIR_ENV, RunDir
+from packrat.core.profile import Profile, ProfilePoint, write_profile
+from packrat.serving.rundir import RunDir
 from packrat.torchserve import (
     Ports, ServerSettings, TorchServeClient, find_server, start_server, stop_server,
 )
+from tests.conftest import TORCHSERVE, has_torchserve, require
 
 # ResNet-50 on the 2-core VM, measured in isolation (packrat profile, 2026-11-23)
 RESNET_2CORE = Profile(tuple(ProfilePoint(t, b, ms) for t, b, ms in [
@@ -80,8 +81,20 @@ def test_calibration_round_trip(tmp_path):
     assert load_calibration(path) is None  # a corrupt cache is measured again
 
 
+def test_calibrated_profile_reads_the_cache_without_torchserve(tmp_path):
+    profile_path = tmp_path / "resnet.csv"
+    write_profile(RESNET_2CORE, profile_path)
+    path = calibration_path(profile_path, 2, 10, 8)
+    save_calibration(SERVED, path)
+    found = calibrated_profile(None, None, tmp_path, "r", profile_path, (0, 1), b"{}",
+                               iter(()), max_batch_delay_ms=10)  # nothing to serve or measure
+    assert found.cached and found.path == path and found.calibration == SERVED
+    assert found.optimizer.latency(2, 8) == pytest.approx(656.5)
+
+
 @pytest.mark.integration
-@pytest.mark.skipif(len(usable_cores()) < 2, reason="needs 2 cores")
+@require(has_torchserve(), TORCHSERVE)
+@require(len(usable_cores()) >= 2, "2 usable cores")
 def test_calibrate_through_torchserve(tmp_path):
     cores = tuple(usable_cores()[:2])
     run = RunDir(tmp_path / "run").create()
@@ -90,7 +103,7 @@ def test_calibrate_through_torchserve(tmp_path):
     base = extract_archive(mar, run.path / "archives" / "small-cnn")
     profile = Profile(tuple(ProfilePoint(t, b, 1.0 * b / t) for t in (1, 2) for b in (1, 2, 4, 8)))
     settings = ServerSettings(workdir=run.torchserve, model_store=run.model_store,
-                              ports=Ports.free(), env=((RUN_DIR_ENV, str(run.path)),))
+                              ports=Ports.free())
     server = start_server(settings)
     try:
         client = TorchServeClient(settings)

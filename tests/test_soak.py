@@ -8,14 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.serving import CORES, PROFILE
+from tests.conftest import TORCHSERVE, has_torchserve, require
+from tests.serving import CORES, N_SERVE, PROFILE, SERVE_CORES, on_cores
 
-pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(len(CORES) < 2, reason="needs 2 cores")]
+pytestmark = pytest.mark.integration
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "soak.py"
 
 
+@require(has_torchserve(), TORCHSERVE)
+@require(len(CORES) >= N_SERVE, f"{N_SERVE} usable cores: the test PROFILE is for 2")
 def test_soak_runs_and_reports(tmp_path):
     profile = tmp_path / "p.csv"
     profile.write_text(PROFILE)
@@ -23,10 +25,12 @@ def test_soak_runs_and_reports(tmp_path):
         [sys.executable, str(SCRIPT), "--reconfigurations", "3", "--clients", "3",
          "--out", str(tmp_path / "soak"), "--profile", str(profile)],
         capture_output=True, text=True, timeout=600,
+        preexec_fn=on_cores(SERVE_CORES),  # soak.py serves on every core it may use
     )
     print(out.stdout, out.stderr)
     assert out.returncode == 0, out.stdout + out.stderr
     report = json.loads((tmp_path / "soak" / "soak.json").read_text())
+    assert report["cores"] == len(SERVE_CORES)
     assert report["reconfigurations"] == 3 and report["failed_switches"] == 0
     assert report["answered"] > 0 and report["failed"] == 0 and report["unanswered"] == 0
     assert report["versions_left"] == 1

@@ -5,7 +5,6 @@ the last test stops it and checks that nothing of it is left, so the tests run i
 """
 
 import json
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -20,16 +19,10 @@ from packrat.torchserve import (
     server_processes,
     start_server,
     stop_server,
-    torchserve_command,
 )
+from tests.conftest import TORCHSERVE, has_torchserve, require
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(
-        shutil.which("java") is None or torchserve_command() is None,
-        reason="needs Java 17 and torchserve",
-    ),
-]
+pytestmark = [pytest.mark.integration, require(has_torchserve(), TORCHSERVE)]
 
 MODEL = "small-cnn"
 

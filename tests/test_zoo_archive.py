@@ -22,6 +22,7 @@ from packrat.errors import ArchiveError, PackratError
 from packrat.model.wire import decode_request, synthetic_batch
 from packrat.model.loader import load_model
 from packrat.model.zoo import ZOO, build_model, get_zoo_model
+from tests.conftest import require
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 
@@ -264,7 +265,7 @@ def test_digest(tmp_path, small_cnn, model_dir):
 # ---- transformers models: construct and run on a tiny input (no archive: too big for tests)
 
 
-@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers not installed (pip install -e '.[models]')")
+@require(HAS_TRANSFORMERS, "transformers (pip install -e '.[models]')")
 def test_transformers_models_build_and_run():
     from transformers import BertConfig, GPT2Config
 
