@@ -16,11 +16,10 @@ from packrat.model.archive import build_zoo_archive, extract_archive
 from packrat.serving.controller import Controller, ControllerParams, ModelRuntime
 from packrat.errors import TorchServeError
 from packrat.measure.loadgen import ClosedLoop
-from packrat.model.spec import ModelSpec
 from packrat.core.optimizer import Optimizer
 from packrat.core.policy import manual_plan
 from packrat.core.profile import read_profile
-from packrat.serving.rundir import RUN_DIR_ENV, RunDir
+from packrat.serving.rundir import RunDir
 from packrat.serving.ops import status as service_status
 from packrat.torchserve import (
     Ports, ServerSettings, TorchServeClient, find_server, load_settings, server_processes,
@@ -30,6 +29,11 @@ from tests.serving import CORES, PROFILE, assert_pinned, load_for, packrat, stat
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(len(CORES) < 2, reason="needs 2 cores")]
+
+
+def wait_answered(load, n, timeout=60):
+    """Until the load generator has had n answers (its clients are in step)."""
+    wait_for(lambda: load.result.answered >= n, timeout=timeout, what=f"{n} answered requests")
 
 
 def frontends(run):
@@ -47,7 +51,7 @@ def test_worker_killed_under_load_is_replaced_on_its_cores(served):
     victim = before["plan"]["instances"][0]
     load = load_for(run, example)
     load.set_concurrency(4)
-    time.sleep(2)
+    wait_answered(load, 20)
     os.kill(victim["pid"], signal.SIGKILL)
     killed_at = time.monotonic()
 
@@ -63,7 +67,7 @@ def test_worker_killed_under_load_is_replaced_on_its_cores(served):
     assert_pinned(after, 2, 1)  # the same cores as the slot it took over, disjoint
     assert after["plan"]["instances"][0]["cores"] == victim["cores"]
     assert after["plan"]["instances"][1]["pid"] == before["plan"]["instances"][1]["pid"]
-    time.sleep(2)  # the new worker serves
+    wait_answered(load, load.result.answered + 20)  # the pool of two serves again
     result = load.stop()
     print(f"{result.answered} answered, failed: {result.failures}")
     # at most the killed worker's own batch (b = 2) fails; nothing goes unanswered
@@ -112,7 +116,7 @@ def test_killed_controller_is_adopted_without_losing_requests(served, tmp_path):
     load.set_concurrency(2)
     proc.kill()  # SIGKILL: no cleanup, TorchServe keeps serving without its controller
     proc.wait(timeout=30)
-    time.sleep(1)
+    wait_answered(load, load.result.answered + 5)  # TorchServe serves without its controller
     mar = run.parent / "archives" / "small-cnn.mar"
     args = [sys.executable, "-m", "packrat.cli", "serve", "--run-dir", run, "--models",
             f"small-cnn={mar}", "--profiles", f"small-cnn={run.parent / 'small.csv'}",
@@ -177,19 +181,19 @@ def live(tmp_path_factory):
     mar = build_zoo_archive("small-cnn", tmp / "archives").mar_path
     (tmp / "p.csv").write_text(PROFILE)
     settings = ServerSettings(workdir=run.torchserve, model_store=run.model_store,
-                              ports=Ports.free(), env=((RUN_DIR_ENV, str(run.path)),))
+                              ports=Ports.free())
     server = start_server(settings)
     try:
         client = FaultyClient(load_settings(run.torchserve))
         controller = Controller(run, client, ControllerParams(interval_s=0.5))
         base = extract_archive(mar, run.path / "archives" / "small-cnn")
+        body = (tmp / "archives" / "small-cnn.example.json").read_bytes()
         m = ModelRuntime(name="small-cnn", base_dir=base, cores=tuple(CORES[:2]),
-                         optimizer=Optimizer(read_profile(tmp / "p.csv"), 2),
-                         spec=ModelSpec.load(base))
+                         optimizer=Optimizer(read_profile(tmp / "p.csv"), 2), warm_body=body)
         controller.models[m.name] = m
         first = manual_plan(m.optimizer, m.name, "1", 2, 1, 1, m.cores)
-        assert controller.switch(m, first).ok
-        yield controller, m, (tmp / "archives" / "small-cnn.example.json").read_bytes()
+        assert controller.switch_now(m, first).ok
+        yield controller, m, body
     finally:
         stop_server(server)
         assert find_server(run.torchserve) is None
@@ -202,14 +206,14 @@ def test_failed_switch_rolls_back_and_loses_nothing(live, fault):
     old = m.plan
     load = ClosedLoop(lambda: client.predict(m.name, body, timeout_s=60), timeout_s=60)
     load.set_concurrency(3)
-    time.sleep(1)
+    wait_answered(load, 10)
     client.fault = fault
     try:
         target = manual_plan(m.optimizer, m.name, str(m.next_version), 1, 2, 2, m.cores)
-        result = controller.switch(m, target)
+        result = controller.switch_now(m, target)
     finally:
         client.fault = ""
-    time.sleep(1)
+    wait_answered(load, load.result.answered + 10)  # the old version still serves
     answered = load.stop()
     print(f"{fault}: {result.message}; {answered.answered} requests answered meanwhile")
     assert not result.ok
@@ -224,10 +228,10 @@ def test_failed_switch_rolls_back_and_loses_nothing(live, fault):
     controller.save_state()
     reported = service_status(controller.run.path)["models"][m.name]
     assert reported["last_error"] == result.message and reported["version"] == old.version
-    m.retry_at = 0.0
+    m.hold_until = 0.0
     # and the next switch works
     again = manual_plan(m.optimizer, m.name, str(m.next_version), 1, 2, 1, m.cores)
-    assert controller.switch(m, again).ok, m.last_error
+    assert controller.switch_now(m, again).ok, m.last_error
     back = manual_plan(m.optimizer, m.name, str(m.next_version), 2, 1, 1, m.cores)
-    assert controller.switch(m, back).ok, m.last_error
+    assert controller.switch_now(m, back).ok, m.last_error
     assert json.loads(controller.run.state_file.read_text())["models"][m.name]["last_error"] is None

@@ -10,10 +10,11 @@ requests, so over an interval of dt seconds the mean number of requests in the s
     L = (latency_us[now] - latency_us[before]) / 1e6 / dt
 
 and with C closed-loop clients L ~ C. A counter that goes down (TorchServe restarted, a version
-deleted) is a reset: that interval is skipped. Latency is counted when a request completes, so a
-slow model may finish nothing in one scrape while busy: an interval with no completed request
-is extended to the next scrape while it is shorter than `hold` times the mean latency of the
-requests seen so far; after that it counts as idle (L = 0). A fast model is never held.
+deleted) is a reset: that interval is skipped. Latency is counted when a request completes and a
+request when it arrives, so a slow model may see nothing arrive in one scrape while its clients
+wait for answers: an interval with no arrival is extended to the next scrape while it is shorter
+than `hold` times the mean latency of the requests seen so far; after that it counts as idle
+(L = 0). A fast model is never held.
 
 Smoothing. The level is the median of the last `window` loads, which ignores single-interval
 spikes and follows a step within half a window; `smoothed` is an EWMA (weight `alpha`) of the
@@ -108,10 +109,15 @@ def observe(
     load = None if last is None else load_from(last, sample)
     if load is None:  # first sample, reset, or no time passed: the next interval starts here
         return replace(state, last=sample)
-    done = sample.requests - last.requests
-    if done == 0 and sample.time_s - last.time_s < params.hold * state.request_s:
-        return state  # nothing completed, but a request takes longer than that: wait
-    request_s = (sample.latency_us - last.latency_us) / 1e6 / done if done else state.request_s
+    # TorchServe counts a request when it arrives, and its latency when it completes. No
+    # arrival in the interval while requests take longer than it: the clients (a closed
+    # loop sends again only on an answer) are waiting for answers, not gone; wait.
+    arrived = sample.requests - last.requests
+    if arrived == 0 and sample.time_s - last.time_s < params.hold * state.request_s:
+        return state
+    # latency completed per request arrived: the mean request latency once the load is steady
+    request_s = ((sample.latency_us - last.latency_us) / 1e6 / arrived if arrived
+                 else state.request_s)
     recent = (state.recent + (min(load, params.max_batch),))[-params.window :]
     level = median(recent)
     if state.smoothed is None:

@@ -257,10 +257,6 @@ class Optimizer:
         )
 
 
-def plan_for(profile: Profile, cores: int, batch: int) -> PlanResult:
-    return Optimizer(profile, cores).plan(batch)
-
-
 def mean_speedup(profile: Profile, cores: int, batches) -> float:
     """Mean of baseline / optimal latency over the given batch sizes."""
     opt = Optimizer(profile, cores)

@@ -82,7 +82,3 @@ def pin_process(cores: tuple[int, ...] | list[int]) -> None:
             os.sched_setaffinity(int(task.name), cores)
         except (ProcessLookupError, PermissionError):
             pass  # the thread ended meanwhile
-
-
-def format_cores(cores) -> str:
-    return ",".join(str(c) for c in cores)

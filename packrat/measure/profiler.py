@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -103,7 +103,6 @@ class ProfileRun:
     profile: Profile
     path: Path  # the cached CSV
     cached: bool
-    skipped: tuple[tuple[int, int], ...] = field(default=())
 
 
 def cache_dir() -> Path:
@@ -184,7 +183,7 @@ def profile_archive(
     write_profile(profile, path)
     log.info("profiled %s: %d points measured, %d skipped, %.1f s", archive, len(points),
              len(skipped), duration)
-    return ProfileRun(profile, path, cached=False, skipped=tuple(skipped))
+    return ProfileRun(profile, path, cached=False)
 
 
 def latency_bound(points, cores: int, max_batch: int) -> float | None:

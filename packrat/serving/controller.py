@@ -1,59 +1,57 @@
 """The reconfiguration controller: estimates B per model from live traffic and, when a better
 plan is worth it, switches TorchServe to it make-before-break.
 
-A switch (`Controller.switch`):
-1. write the plan of the new version N into the run directory and unpack the archive as
-   `model_store/NAME-vN` (weights hard-linked), with the current Packrat handler;
-2. register it (`synchronous=true`): its workers start, each claims a slot of the plan and pins
-   itself to that slot's cores before loading the model;
-3. check that every worker is up and holds its slot, and warm it with full batches sent to the
-   new version explicitly;
-4. make it the default: new requests go to it;
-5. wait until the old version has nothing queued and its request counter has stood still for
-   longer than a batch takes (so no batch is in flight), then delete it.
-Any failure before step 4 deletes the new version and leaves the old one serving.
+Each tick (`Controller.tick`, every `tick_s`):
+- the frontend watchdog: a dead TorchServe is restarted and every plan served again;
+- every switch under way advances one step if its last step has finished
+  (packrat.serving.switch: a switch never blocks the loop);
+- every `interval_s`: scrape the metrics, feed each model's estimator, and carry out what
+  `packrat.core.decide.decide` returns for the models not switching;
+- `packrat reconfigure` requests are read, decided (`decide_request`) and carried out; a
+  request for a model that is switching waits for the next tick after the switch.
 
-Cores during the overlap: both versions are pinned inside the same N cores (each plan uses
-the cores Packrat may use, physical first), so for the seconds of steps 2-5 the new workers
-load and warm on cores where the old ones still serve. Latency rises a little during a switch;
-no request is dropped, and no thread ever runs outside the allowed cores.
+Cores during a switch: both versions are pinned inside the model's cores, so while the new
+workers load and warm, they share cores with the old ones. Latency rises a little during a
+switch; no request is dropped, and no thread ever runs outside the allowed cores.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
+from packrat.core.decide import (
+    Action, Answer, ModelView, Note, Reason, Reconfigure, SetAuto, SetManual, SwitchTo, decide,
+    decide_request,
+)
 from packrat.core.estimator import EstimatorParams, EstimatorState, Sample, observe
 from packrat.core.optimizer import Optimizer
-from packrat.core.policy import PolicyParams, manual_plan, plan_for_batch, should_switch
+from packrat.core.plan import ServedPlan
+from packrat.core.policy import PolicyParams, plan_for_batch
 from packrat.errors import PackratError, PlanError, TorchServeError
-from packrat.model.spec import ModelSpec
-from packrat.model.wire import encode_example
-from packrat.serving.rundir import RunDir, ServedPlan, read_json, write_json
-from packrat.serving.versions import deploy_version, remove_version_files
-from packrat.torchserve import (
-    ServerProcess,
-    TorchServeClient,
-    is_running,
-    stop_server,
-    worker_cpu_seconds,
-)
+from packrat.serving.rundir import RunDir, read_json, write_json
+from packrat.serving.switch import Switch, SwitchContext, SwitchResult, SwitchSettings
+from packrat.serving.versions import remove_version_files
+from packrat.torchserve import ServerProcess, TorchServeClient, is_running, stop_server
 
 log = logging.getLogger(__name__)
 
+METRICS = ("ts_inference_requests_total", "ts_inference_latency_microseconds")
+
+
 @dataclass(frozen=True)
 class ControllerParams:
-    interval_s: float = 1.0
+    interval_s: float = 1.0       # between two scrapes of the metrics (and decisions)
+    tick_s: float = 0.05          # between two ticks while a switch is under way
     max_batch_delay_ms: int = 10
     drain_timeout_s: float = 120.0
-    retry_after_s: float = 30.0  # after a failed switch, wait this long before trying again
+    retry_after_s: float = 30.0   # after a failed switch, wait this long before trying again
     policy: PolicyParams = PolicyParams()
     estimator: EstimatorParams = EstimatorParams()
 
@@ -66,164 +64,187 @@ class ModelRuntime:
     base_dir: Path                 # the unpacked archive every version is made from
     optimizer: Optimizer
     cores: tuple[int, ...]
-    spec: ModelSpec
+    warm_body: bytes               # a valid request body, to warm new versions
     plan: ServedPlan | None = None
     auto: bool = True
     estimator: EstimatorState = field(default_factory=EstimatorState)
     totals: tuple[float, float] = (0.0, 0.0)   # requests, latency_us summed over versions
-    last_counters: dict = field(default_factory=dict)
+    last_counters: dict[tuple[str, str], float] = field(default_factory=dict)
     next_version: int = 1
     reconfigurations: int = 0
     last_reconfiguration_unix: float | None = None
     last_error: str | None = None
-    retry_at: float = 0.0
+    hold_until: float = 0.0        # no automatic switch before this (monotonic seconds)
     profile_path: Path | None = None  # a profile Packrat measured (and may calibrate)
     calibration: str | None = None    # Calibration.describe() of the profile planned with
 
 
-@dataclass(frozen=True)
-class SwitchResult:
-    ok: bool
-    model: str
-    plan: ServedPlan | None
-    seconds: float
-    message: str
-
-
 class Controller:
     """server and restart_server: the TorchServe this controller watches and how to start it
-    again (None: nothing is watched, as in tests of the switch alone)."""
+    again (None: nothing is watched, as in tests of the switch alone). pool runs the blocking
+    calls of switches; clock and sleep are injected so that tests run without real time."""
 
-    def __init__(self, run: RunDir, client: TorchServeClient, params: ControllerParams = ControllerParams(),
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+    def __init__(self, run: RunDir, client: TorchServeClient,
+                 params: ControllerParams = ControllerParams(),
+                 clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time,
+                 sleep: Callable[[float], None] | None = None,
                  server: ServerProcess | None = None,
-                 restart_server: Callable[[], ServerProcess] | None = None):
+                 restart_server: Callable[[], ServerProcess] | None = None,
+                 pool: Executor | None = None):
         self.run, self.client, self.params = run, client, params
         self.clock, self.wall = clock, wall
-        self.models: dict[str, ModelRuntime] = {}
         self.stopping = threading.Event()
+        self.sleep = sleep or self.stopping.wait  # a stop ends the wait at once
+        self.models: dict[str, ModelRuntime] = {}
+        self.switches: dict[str, Switch] = {}     # under way, by model
+        self.queued: list[SwitchTo] = []          # waiting for another model's switch
         self.server, self.restart_server = server, restart_server
         self.server_restarts = 0
         self.server_event: str | None = None  # the last thing that happened to TorchServe
         self.server_retry_at = 0.0
+        self.next_sample = 0.0
+        self.ctx = SwitchContext(
+            run, client, pool or ThreadPoolExecutor(8, thread_name_prefix="packrat-switch"),
+            clock, SwitchSettings(params.max_batch_delay_ms, params.drain_timeout_s))
 
-    def _remove_version_files(self, model: str, version: str) -> None:
-        remove_version_files(self.run, model, version)
+    # -- the loop ---------------------------------------------------------------------------
 
-    # -- the switch -------------------------------------------------------------------------
+    def run_forever(self) -> None:
+        while not self.stopping.is_set():
+            self.tick()
+            self.sleep(self.params.tick_s if self.switches or self.queued
+                       else max(0.0, min(self.params.tick_s * 4, self.next_sample - self.clock())))
 
-    def switch(self, m: ModelRuntime, plan: ServedPlan) -> SwitchResult:
-        start = self.clock()
-        version = plan.version
-        old = m.plan
-        log.info("%s: switching %s -> %s (version %s, predicted %.1f ms at B=%d)", m.name,
-                 old.describe() if old else "nothing", plan.describe(), version,
-                 plan.predicted_ms, plan.for_batch)
-        m.next_version = max(m.next_version, int(version) + 1)
-        try:
-            deploy_version(self.run, self.client, m.base_dir, m.name, version, plan,
-                           instances=plan.instances, batch_size=plan.batch_size,
-                           max_batch_delay_ms=self.params.max_batch_delay_ms,
-                           warm_body=json.dumps(encode_example(m.spec)).encode())
-            self.client.set_default(m.name, version)
-        except (PackratError, OSError) as e:
-            try:
-                if any(v.version == version for v in self.client.versions(m.name)):
-                    self.client.unregister(m.name, version)
-            except PackratError as e2:
-                log.warning("%s: could not delete failed version %s: %s", m.name, version, e2)
-            self._remove_version_files(m.name, version)
-            message = f"switch of {m.name} to {plan.describe()} failed: {e}"
-            if old is not None:
-                message += f"; version {old.version} ({old.describe()}) keeps serving"
-            m.last_error = message
-            m.retry_at = self.clock() + self.params.retry_after_s
-            log.error("%s", message)
-            return SwitchResult(False, m.name, old, self.clock() - start, message)
+    def tick(self) -> None:
+        if not self.server_up():
+            return
+        self.advance_switches()
+        now = self.clock()
+        if now >= self.next_sample:
+            self.next_sample = now + self.params.interval_s
+            if self.sample_all():
+                self.carry_out(decide(self.views(), now, self.params.policy,
+                                      self.params.max_batch_delay_ms))
+        self.handle_requests()
+        self.save_state()
 
-        m.plan = plan
-        if old is not None:
+    def views(self) -> list[ModelView]:
+        return [ModelView(m.name, m.optimizer, m.cores, m.plan, m.auto, m.estimator.estimate,
+                          m.name in self.switches or any(a.model == m.name for a in self.queued),
+                          m.hold_until, m.next_version)
+                for m in self.models.values()]
+
+    def carry_out(self, actions: list[Action]) -> None:
+        for action in actions:
+            log.debug("action: %s", action)
+            m = self.models.get(getattr(action, "model", None) or "")
+            if isinstance(action, SwitchTo):
+                self.start_switch(action)
+            elif isinstance(action, SetAuto):
+                m.auto, m.hold_until = True, action.hold_until
+            elif isinstance(action, SetManual):
+                m.auto = False
+            elif isinstance(action, Note):
+                m.last_error = action.message
+            elif isinstance(action, Answer):
+                self._answer(action.request_id, action.ok, action.message, action.plan, 0.0)
+
+    # -- switches ---------------------------------------------------------------------------
+
+    def start_switch(self, action: SwitchTo) -> Switch | None:
+        """Start the switch, or queue it (None) while its model or `after` is switching."""
+        m = self.models[action.model]
+        m.next_version = max(m.next_version, int(action.plan.version) + 1)
+        if action.reason is Reason.MANUAL:
+            m.auto = False  # a manual plan holds until --auto
+        if m.name in self.switches or (action.after and action.after in self.switches):
+            self.queued.append(action)
+            return None
+        switch = self.switches[m.name] = Switch(self.ctx, action, m.plan, m.base_dir,
+                                                m.warm_body, on_promoted=self._promoted)
+        switch.tick()
+        return switch
+
+    def _promoted(self, switch: Switch) -> None:
+        m = self.models[switch.model]
+        if m.plan is not None:
             m.reconfigurations += 1
             m.last_reconfiguration_unix = self.wall()
-        m.last_error = None
+        m.plan, m.last_error = switch.plan, None
         self.save_state()
-        if old is not None:
-            self._retire(m, old)
-        seconds = self.clock() - start
-        log.info("%s: now serving %s (version %s) after %.1f s", m.name, plan.describe(), version, seconds)
-        return SwitchResult(True, m.name, plan, seconds, f"{m.name} serves {plan.describe()} as version {version}")
 
-    def _retire(self, m: ModelRuntime, old: ServedPlan) -> None:
-        """Delete the old version once nothing is queued or running on it."""
-        if self._wait_drained(m, old):
-            try:
-                self.client.unregister(m.name, old.version)
-            except TorchServeError as e:
-                log.warning("%s: deleting version %s failed: %s", m.name, old.version, e)
-                return
-            self._remove_version_files(m.name, old.version)
-        else:
-            log.warning("%s: version %s still busy after %.0f s; left registered", m.name,
-                        old.version, self.params.drain_timeout_s)
+    def advance_switches(self) -> None:
+        for name, switch in list(self.switches.items()):
+            switch.tick()
+            if switch.result is not None:
+                del self.switches[name]
+                self._finished(switch)
+        waiting, self.queued = self.queued, []
+        for action in waiting:
+            self.start_switch(action)
 
-    def _wait_drained(self, m: ModelRuntime, old: ServedPlan) -> bool:
-        """True once the old version has nothing queued and nothing running.
+    def _finished(self, switch: Switch) -> None:
+        m, result = self.models[switch.model], switch.result
+        if not result.ok:
+            m.last_error = result.message
+            m.hold_until = self.clock() + self.params.retry_after_s
+        if switch.action.request_id:
+            self._answer(switch.action.request_id, result.ok, result.message, result.plan,
+                         result.seconds)
 
-        A batch a worker has taken is no longer in the queue count, and the metrics count
-        requests to /predictions/NAME under "default" whatever version served them, so the
-        rule (measured, see packrat.torchserve) is: the queue read empty for longer than the
-        batching delay plus two full batches, and the workers' CPU time stood still for two
-        batching delays."""
-        delay = self.params.max_batch_delay_ms / 1000.0
-        empty_needed = delay + 2 * old.predicted_ms / 1000.0 + 0.2
-        idle_needed = 2 * delay + 0.1
-        deadline = self.clock() + self.params.drain_timeout_s
-        empty_since = idle_since = None
-        last_cpu = None
-        while self.clock() < deadline:
-            info = next((v for v in self.client.versions(m.name) if v.version == old.version), None)
-            if info is None:
-                return True  # already gone
-            now = self.clock()
-            cpu = worker_cpu_seconds(info)
-            empty_since = (empty_since or now) if info.pending_requests == 0 else None
-            idle_since = (idle_since or now) if cpu == last_cpu else None
-            last_cpu = cpu
-            if (empty_since is not None and now - empty_since >= empty_needed
-                    and idle_since is not None and now - idle_since >= idle_needed):
-                return True
-            time.sleep(0.05)
-        return False
+    def switch_now(self, m: ModelRuntime, plan: ServedPlan,
+                   reason: Reason = Reason.AUTO) -> SwitchResult:
+        """Switch and wait for the end (at start-up, before the loop runs; in tests)."""
+        self.models.setdefault(m.name, m)
+        switch = self.start_switch(SwitchTo(plan, reason))
+        if switch is None:
+            raise PackratError(f"{m.name} is already switching")
+        while switch.result is None:
+            self.sleep(self.params.tick_s)
+            switch.tick()
+        self.advance_switches()  # hands the result over (_finished)
+        return switch.result
 
     # -- estimating B -----------------------------------------------------------------------
 
-    def sample(self, m: ModelRuntime, metrics: dict) -> None:
+    def sample_all(self) -> bool:
+        try:
+            metrics = self.client.metrics()
+        except TorchServeError as e:
+            log.warning("metrics unavailable: %s", e)
+            return False
+        for m in self.models.values():
+            self.sample(m, metrics)
+        return True
+
+    def sample(self, m: ModelRuntime, metrics: dict[tuple[str, str, str], float]) -> None:
         """Add this scrape to the model's running totals (versions come and go, so their own
         counters restart; only their increases count) and feed the estimator."""
         requests, latency = m.totals
         seen = {}
         for (metric, model, version), value in metrics.items():
-            if model != m.name or metric not in ("ts_inference_requests_total",
-                                                 "ts_inference_latency_microseconds"):
+            if model != m.name or metric not in METRICS:
                 continue
-            key = (metric, version)
-            seen[key] = value
-            prev = m.last_counters.get(key, 0.0)
-            delta = value - prev if value >= prev else value
-            if metric == "ts_inference_requests_total":
+            seen[(metric, version)] = value
+            prev = m.last_counters.get((metric, version), 0.0)
+            delta = value - prev if value >= prev else value  # a reset starts from 0
+            if metric == METRICS[0]:
                 requests += delta
             else:
                 latency += delta
         m.last_counters = seen
         m.totals = (requests, latency)
-        m.estimator = observe(m.estimator, Sample(self.clock(), requests, latency), self.params.estimator)
+        m.estimator = observe(m.estimator, Sample(self.clock(), requests, latency),
+                              self.params.estimator)
 
     # -- a dead TorchServe -----------------------------------------------------------------
 
     def server_up(self) -> bool:
         """True if TorchServe runs. A frontend that died (killed, out of memory) takes its
-        workers with it; restart it with the same settings and register every model's plan
-        again, as a new version (the old one's files and slots are stale)."""
+        workers with it; restart it with the same settings and serve every model's plan
+        again, as a new version (the old one's files and slots are stale). The restart itself
+        blocks (nothing can be served meanwhile); the switches that follow do not."""
         if self.server is None or self.restart_server is None or is_running(self.server):
             return True
         if self.clock() < self.server_retry_at:
@@ -232,6 +253,10 @@ class Controller:
         self.server_event = (f"TorchServe frontend (pid {dead}) exited at {_hms(self.wall())}; "
                              "restarting it")
         log.error("%s", self.server_event)
+        for switch in self.switches.values():
+            switch.abort("TorchServe exited")
+            self._finished(switch)
+        self.switches.clear()
         self.save_state()
         try:
             stop_server(self.server)  # what is left of it: workers still holding slot locks
@@ -244,7 +269,7 @@ class Controller:
             self.save_state()
             return False
         self.server_restarts += 1
-        restored = []
+        restoring = []
         for m in self.models.values():
             old, m.plan = m.plan, None
             if old is not None:
@@ -257,45 +282,14 @@ class Controller:
                 except PlanError as e:
                     m.last_error = str(e)
                     continue
-            if self.switch(m, plan).ok:
-                restored.append(f"{m.name} {plan.describe()}")
+            self.start_switch(SwitchTo(plan, Reason.RESTORE))
+            restoring.append(f"{m.name} {plan.describe()}")
         self.server_event = (f"TorchServe frontend (pid {dead}) exited at {_hms(self.wall())}; "
                              f"restarted as pid {self.server.frontend_pid}, serving "
-                             f"{', '.join(restored) or 'nothing (see last_error)'}")
+                             f"{', '.join(restoring) or 'nothing (see last_error)'} again")
         log.warning("%s", self.server_event)
         self.save_state()
         return True
-
-    # -- the loop ---------------------------------------------------------------------------
-
-    def step(self) -> None:
-        if not self.server_up():
-            return
-        self.handle_requests()
-        try:
-            metrics = self.client.metrics()
-        except TorchServeError as e:
-            log.warning("metrics unavailable: %s", e)
-            return
-        for m in self.models.values():
-            self.sample(m, metrics)
-            if not m.auto or self.clock() < m.retry_at:
-                continue
-            batch = m.estimator.estimate
-            try:
-                target = plan_for_batch(m.optimizer, m.name, str(m.next_version), batch, m.cores)
-            except PlanError as e:
-                m.last_error = str(e)
-                continue
-            if should_switch(m.plan, target, m.optimizer, batch, self.params.policy,
-                             self.params.max_batch_delay_ms):
-                self.switch(m, target)
-        self.save_state()
-
-    def run_forever(self) -> None:
-        while not self.stopping.is_set():
-            self.step()
-            self.stopping.wait(self.params.interval_s)
 
     # -- manual requests (`packrat reconfigure`) --------------------------------------------
 
@@ -303,51 +297,31 @@ class Controller:
         for path in sorted(self.run.requests.glob("*.json")):
             if path.name.endswith(".result.json"):
                 continue
-            request = read_json(path, {})
+            try:
+                request = Reconfigure.from_json(path.stem, read_json(path, None))
+            except PackratError as e:
+                path.unlink(missing_ok=True)
+                self._answer(path.stem, False, f"bad request: {e}", None, 0.0)
+                continue
+            if request.model in self.switches:
+                continue  # answered after the switch under way
             path.unlink(missing_ok=True)
-            result = self.apply_request(request)
-            write_json(path.with_name(path.stem + ".result.json"),
-                       {"ok": result.ok, "message": result.message, "seconds": round(result.seconds, 2),
-                        "plan": result.plan.to_json() if result.plan else None})
+            est = self.params.estimator  # after --auto: the median window fills, then patience
+            watch_s = (est.window + est.patience + 1) * self.params.interval_s
+            self.carry_out(decide_request(self.views(), request, self.clock(), watch_s))
 
-    def apply_request(self, request: dict) -> SwitchResult:
-        name = request.get("model")
-        m = self.models.get(name)
-        if m is None:
-            return SwitchResult(False, str(name), None, 0.0,
-                                f"no model {name!r} is served; served: {', '.join(self.models) or 'none'}")
-        try:
-            version = str(m.next_version)
-            if request.get("auto"):
-                m.auto = True
-                # watch the load for as long as the estimator needs to follow a step before
-                # deciding: the estimate may still describe the load of the manual period
-                est = self.params.estimator  # the median window fills, then patience runs
-                m.retry_at = self.clock() + (est.window + est.patience + 1) * self.params.interval_s
-                self.save_state()
-                return SwitchResult(True, name, m.plan, 0.0, f"{name}: automatic reconfiguration on")
-            if request.get("for_batch") is not None:
-                batch = int(request["for_batch"])
-                if not 1 <= batch <= m.optimizer.max_servable:
-                    raise PlanError(f"--for-batch {batch}: the profile serves B = 1.."
-                                    f"{m.optimizer.max_servable} on {len(m.cores)} cores")
-                plan = plan_for_batch(m.optimizer, name, version, batch, m.cores)
-            else:
-                plan = manual_plan(m.optimizer, name, version, int(request["instances"]),
-                                   int(request["threads"]), int(request["batch"]), m.cores)
-        except (PackratError, KeyError, TypeError, ValueError) as e:
-            return SwitchResult(False, name, m.plan, 0.0, f"bad request: {e}")
-        m.auto = False  # a manual plan holds until --auto
-        if plan.same_shape(m.plan):
-            self.save_state()
-            return SwitchResult(True, name, m.plan, 0.0, f"{name} already serves {plan.describe()}")
-        return self.switch(m, plan)
+    def _answer(self, request_id: str, ok: bool, message: str, plan: ServedPlan | None,
+                seconds: float) -> None:
+        write_json(self.run.requests / f"{request_id}.result.json",
+                   {"ok": ok, "message": message, "seconds": round(seconds, 2),
+                    "plan": plan.to_json() if plan else None})
 
     # -- state for `packrat status` ---------------------------------------------------------
 
     def save_state(self) -> None:
         models = {}
         for m in self.models.values():
+            switch = self.switches.get(m.name)
             models[m.name] = {
                 "version": m.plan.version if m.plan else None,
                 "estimated_batch": m.estimator.estimate,
@@ -357,6 +331,8 @@ class Controller:
                 "last_error": m.last_error,
                 "cores": list(m.cores),
                 "calibration": m.calibration,
+                "switching": (f"to {switch.plan.describe()} (version {switch.plan.version}): "
+                              f"{switch.phase.value}") if switch else None,
             }
         write_json(self.run.state_file, {
             "controller_pid": os.getpid(), "models": models,

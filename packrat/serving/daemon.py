@@ -13,7 +13,8 @@ import logging
 import os
 import shutil
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from enum import Enum
 from pathlib import Path
 
 from packrat.core.optimizer import Optimizer
@@ -30,9 +31,10 @@ from packrat.core.calibration import default_target, scale_profile
 from packrat.serving.calibrate import (
     calibrate, calibration_path, load_calibration, save_calibration, version_numbers,
 )
+from packrat.core.decide import Reason
 from packrat.serving.controller import Controller, ControllerParams, ModelRuntime
+from packrat.serving.switch import Retire, drive
 from packrat.serving.rundir import (
-    RUN_DIR_ENV,
     ControllerLock,
     RunDir,
     check_model_name,
@@ -49,6 +51,11 @@ from packrat.torchserve import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class ServerOrigin(Enum):
+    STARTED = "started"   # by this controller
+    ADOPTED = "adopted"   # left running by a controller that died; it serves live traffic
 
 
 @dataclass(frozen=True)
@@ -93,7 +100,7 @@ def _serve(options: ServeOptions, say) -> None:
         stop["flag"] = True
         if controller is None:  # still setting up (profiling, starting): give up at once
             raise KeyboardInterrupt
-        controller.stopping.set()  # the loop ends after the step (and switch) in progress
+        controller.stopping.set()  # the loop ends after this tick; TorchServe stops after it
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     server = None
@@ -108,7 +115,7 @@ def _serve(options: ServeOptions, say) -> None:
             return
 
         server = find_server(run.torchserve)
-        adopting = server is not None
+        origin = ServerOrigin.ADOPTED if server is not None else ServerOrigin.STARTED
         if server is not None:
             settings = load_settings(run.torchserve)
             say(f"adopting TorchServe (pid {server.frontend_pid}) of {run.path}")
@@ -116,7 +123,7 @@ def _serve(options: ServeOptions, say) -> None:
             run.state_file.unlink(missing_ok=True)  # a past run's: nothing of it is live
             settings = ServerSettings(
                 workdir=run.torchserve, model_store=run.model_store,
-                ports=options.ports or Ports.free(), env=((RUN_DIR_ENV, str(run.path)),),
+                ports=options.ports or Ports.free(),
             )
             server = start_server(settings)
             say(f"TorchServe: inference http://127.0.0.1:{settings.ports.inference}, "
@@ -129,7 +136,7 @@ def _serve(options: ServeOptions, say) -> None:
         for m in runtimes:
             controller.models[m.name] = m
             if options.calibrate and m.profile_path is not None:
-                _calibrate(controller, m, adopting, say)
+                _calibrate(controller, m, origin, say)
             _adopt_or_start(controller, m, options.initial_batch, say)
         controller.save_state()
         say(f"serving {', '.join(controller.models)}; `packrat status --run-dir {run.path}` "
@@ -188,25 +195,25 @@ def _prepare_model(run: RunDir, src: ModelSource, cores, options: ServeOptions, 
         raise PackratError(f"--initial-batch {options.initial_batch}: the profile of {name} serves "
                            f"at most B = {opt.max_servable} on {len(cores)} cores")
     return ModelRuntime(name=name, base_dir=base, optimizer=opt, cores=tuple(cores),
-                        spec=ModelSpec.load(base),
+                        warm_body=json.dumps(encode_example(ModelSpec.load(base))).encode(),
                         profile_path=None if src.profile is not None else result.path)
 
 
-def _calibrate(controller: Controller, m: ModelRuntime, adopting: bool, say) -> None:
+def _calibrate(controller: Controller, m: ModelRuntime, origin: ServerOrigin, say) -> None:
     """Scale m's measured profile by its served latency per thread count (cached beside the
     profile). A restarted controller adopting a serving TorchServe uses a cached calibration
     only: measuring would compete with the live traffic."""
     delay = controller.params.max_batch_delay_ms
     path = calibration_path(m.profile_path, len(m.cores), delay, default_target(len(m.cores)))
     calibration = load_calibration(path)
-    if calibration is None and adopting:
+    if calibration is None and origin is ServerOrigin.ADOPTED:
         say(f"{m.name}: no cached calibration; planning with the profile as measured")
         return
     profile = read_profile(m.profile_path)
     if calibration is None:
         try:
             calibration = calibrate(controller.run, controller.client, m.base_dir, m.name,
-                                    profile, m.cores, json.dumps(encode_example(m.spec)).encode(),
+                                    profile, m.cores, m.warm_body,
                                     version_numbers(m),
                                     max_batch_delay_ms=delay, say=say)
         except PackratError as e:  # serving matters more than a better plan
@@ -235,11 +242,13 @@ def _adopt_or_start(controller: Controller, m: ModelRuntime, batch: int, say) ->
             m.last_reconfiguration_unix = state.get("last_reconfiguration_unix")
             for v in versions:
                 if v.version != default.version:
-                    controller._retire(m, controller.run.read_plan(m.name, v.version) or plan)
+                    old = controller.run.read_plan(m.name, v.version) or replace(plan, version=v.version)
+                    drive(Retire(controller.ctx, m.name, old), controller.sleep,
+                          controller.params.tick_s)
             say(f"{m.name}: adopted version {plan.version} ({plan.describe()})")
             return
     plan = plan_for_batch(m.optimizer, m.name, str(m.next_version), batch, m.cores)
-    result = controller.switch(m, plan)
+    result = controller.switch_now(m, plan, Reason.AUTO)
     if not result.ok:
         raise PackratError(result.message)
     say(f"{m.name}: serving {plan.describe()} (plan for B={plan.for_batch}, predicted "

@@ -9,8 +9,8 @@
     RUN/slots/NAME/N/K.lock        flock held by the worker that claimed slot K; holds its pid
     RUN/requests/ID.json           `packrat reconfigure` asks; ID.result.json is the answer
 
-Everything is created readable by the user only. A worker finds the run directory through the
-PACKRAT_RUN_DIR environment variable, which the controller gives TorchServe.
+Everything is created readable by the user only. A worker finds its plan and slot directory in
+its version directory (packrat-worker.json, written by packrat.serving.versions).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from pathlib import Path
 from packrat.core.plan import ServedPlan
 from packrat.errors import PackratError
 
-RUN_DIR_ENV = "PACKRAT_RUN_DIR"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 

@@ -10,6 +10,8 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -20,13 +22,34 @@ from packrat.serving.rundir import RunDir, write_json
 from packrat.torchserve import TorchServeClient, make_version_dir
 
 
+WORKERS_TIMEOUT_S = 30.0  # from a READY registration to every worker pinned on its slot
+
+
 def deploy_version(run: RunDir, client: TorchServeClient, base_dir: Path, name: str,
                    version: str, plan: ServedPlan | None, *, instances: int, batch_size: int,
-                   max_batch_delay_ms: int, warm_body: bytes, response_timeout_s: int = 120) -> None:
-    """Make the version's directory, write its plan (None: workers run unpinned), register it,
-    check that every worker runs (pinned ones on their slot's cores) and warm it with full
-    batches sent to it explicitly. It does not become the default. The caller cleans up a
-    failure (remove_version_files, unregister)."""
+                   max_batch_delay_ms: int, warm_body: bytes, response_timeout_s: int = 120,
+                   sleep: Callable[[float], None] = time.sleep,
+                   clock: Callable[[], float] = time.monotonic) -> None:
+    """Prepare, register, check and warm a version, blocking until it is ready to be the
+    default (it does not become it). plan None: TorchServe's default (workers unpinned). The
+    caller cleans up a failure (retire_version). The controller runs the same steps one at a
+    time without blocking (packrat.serving.switch)."""
+    url = prepare_version(run, base_dir, name, version, plan)
+    client.register(url, model_name=name, batch_size=batch_size,
+                    max_batch_delay_ms=max_batch_delay_ms, initial_workers=instances,
+                    response_timeout_s=response_timeout_s)
+    deadline = clock() + WORKERS_TIMEOUT_S
+    while not (check := check_workers(run, client, name, version, plan, instances)).ready:
+        if clock() > deadline:
+            raise check.timeout_error(run)
+        sleep(0.1)
+    warm_version(client, name, version, instances * batch_size, warm_body)
+
+
+def prepare_version(run: RunDir, base_dir: Path, name: str, version: str,
+                    plan: ServedPlan | None) -> str:
+    """Make the version's directory in the model store, with this Packrat's handler and (for
+    a pinned version) its plan and slot directory; return the url to register."""
     remove_version_files(run, name, version)  # a leftover of an interrupted switch
     url = make_version_dir(base_dir, run.model_store, name, version)
     dest = run.model_store / url
@@ -42,49 +65,47 @@ def deploy_version(run: RunDir, client: TorchServeClient, base_dir: Path, name: 
         run.write_plan(plan)
         write_json(dest / WORKER_FILE, {"plan": plan.to_json(),
                                         "slot_dir": str(run.slot_dir(name, version))})
-    client.register(url, model_name=name, batch_size=batch_size,
-                    max_batch_delay_ms=max_batch_delay_ms, initial_workers=instances,
-                    response_timeout_s=response_timeout_s)
-    _check_workers(run, client, name, version, plan, instances)
-    _warm(client, name, version, instances * batch_size, warm_body)
+    return url
 
 
-def remove_version_files(run: RunDir, model: str, version: str) -> None:
-    shutil.rmtree(run.version_dir(model, version), ignore_errors=True)
-    shutil.rmtree(run.slot_dir(model, version), ignore_errors=True)
-    run.plan_file(model, version).unlink(missing_ok=True)
+@dataclass(frozen=True)
+class WorkerCheck:
+    name: str
+    version: str
+    workers: int
+    slots: int
+    expected: int
+    ready: bool
+
+    def timeout_error(self, run: RunDir) -> PackratError:
+        return PackratError(
+            f"{self.name} version {self.version}: {self.workers} workers and {self.slots} "
+            f"claimed slots, {self.expected} expected; see {run.torchserve / 'logs'}")
 
 
-def _check_workers(run, client, name, version, plan, instances, timeout_s: float = 30) -> None:
-    """Every worker is up; a pinned one holds a slot and runs on that slot's cores only."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        info = [v for v in client.versions(name) if v.version == version]
-        pids = {w.pid for v in info for w in v.workers if w.pid}
-        slots = run.slot_pids(name, version) if plan is not None else {}
-        ready = len(pids) >= instances and (
-            plan is None or (len(slots) >= instances and set(slots.values()) >= pids))
-        if ready:
-            for k, pid in slots.items():
-                try:
-                    cores = sorted(os.sched_getaffinity(pid))
-                except OSError:
-                    ready = False
-                    break
-                if cores != sorted(plan.slots[k]):
-                    raise PackratError(f"{name} version {version}: worker {pid} runs on cores "
-                                       f"{cores}, its slot {k} is {list(plan.slots[k])}")
-        if ready:
-            return
-        if time.monotonic() > deadline:
-            raise PackratError(
-                f"{name} version {version}: {len(pids)} workers and {len(slots)} claimed slots, "
-                f"{instances} expected; see {run.torchserve / 'logs'}"
-            )
-        time.sleep(0.1)
+def check_workers(run: RunDir, client: TorchServeClient, name: str, version: str,
+                  plan: ServedPlan | None, instances: int) -> WorkerCheck:
+    """Is every worker up, and does a pinned one hold a slot and run on that slot's cores
+    only? Raises PackratError if a worker runs elsewhere."""
+    info = [v for v in client.versions(name) if v.version == version]
+    pids = {w.pid for v in info for w in v.workers if w.pid}
+    slots = run.slot_pids(name, version) if plan is not None else {}
+    ready = len(pids) >= instances and (
+        plan is None or (len(slots) >= instances and set(slots.values()) >= pids))
+    if ready:
+        for k, pid in slots.items():
+            try:
+                cores = sorted(os.sched_getaffinity(pid))
+            except OSError:  # it died meanwhile: look again
+                ready = False
+                break
+            if cores != sorted(plan.slots[k]):
+                raise PackratError(f"{name} version {version}: worker {pid} runs on cores "
+                                   f"{cores}, its slot {k} is {list(plan.slots[k])}")
+    return WorkerCheck(name, version, len(pids), len(slots), instances, ready)
 
 
-def _warm(client, name: str, version: str, n: int, body: bytes) -> None:
+def warm_version(client: TorchServeClient, name: str, version: str, n: int, body: bytes) -> None:
     """Two rounds of full batches to every worker of the version before it takes traffic."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(n, 64)) as pool:
         for _ in range(2):
@@ -94,3 +115,17 @@ def _warm(client, name: str, version: str, n: int, body: bytes) -> None:
             if bad:
                 raise PackratError(f"{name} version {version}: warm-up requests failed with "
                                    f"HTTP {bad[:5]}: {replies[0].text[:200]}")
+
+
+def retire_version(run: RunDir, client: TorchServeClient, name: str, version: str) -> None:
+    """Unregister the version if TorchServe has it, and remove its files. Raises
+    TorchServeError if TorchServe refuses (the files are kept then)."""
+    if any(v.version == version for v in client.versions(name)):
+        client.unregister(name, version)
+    remove_version_files(run, name, version)
+
+
+def remove_version_files(run: RunDir, model: str, version: str) -> None:
+    shutil.rmtree(run.version_dir(model, version), ignore_errors=True)
+    shutil.rmtree(run.slot_dir(model, version), ignore_errors=True)
+    run.plan_file(model, version).unlink(missing_ok=True)

@@ -1,0 +1,167 @@
+"""The controller's decisions, as data: from what is known of each model (its live plan, its
+estimated B, whether a switch is under way) to the actions an executor carries out. Pure: no
+clock (the time is an argument), no HTTP, no files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from packrat.core.optimizer import Optimizer
+from packrat.core.plan import ServedPlan
+from packrat.core.policy import PolicyParams, manual_plan, plan_for_batch, should_switch
+from packrat.errors import PackratError, PlanError
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """What decide() needs to know of one model."""
+
+    name: str
+    optimizer: Optimizer
+    cores: tuple[int, ...]
+    plan: ServedPlan | None      # the live plan (None: nothing serves yet)
+    auto: bool                   # automatic reconfiguration, or a manual plan holds
+    estimate: int                # the estimator's B
+    switching: bool              # a switch of this model is under way
+    hold_until: float            # no automatic switch before (after a failure, after --auto)
+    next_version: int
+
+
+class Reason(Enum):
+    AUTO = "auto"          # the estimate calls for a better plan
+    MANUAL = "manual"      # `packrat reconfigure`
+    RESTORE = "restore"    # TorchServe restarted: serve the plan again
+
+
+@dataclass(frozen=True)
+class SwitchTo:
+    """Serve `plan` (a new version) make-before-break. `after`: a model whose switch must end
+    before this one starts (e.g. one model shrinks before another grows onto its cores)."""
+
+    plan: ServedPlan
+    reason: Reason
+    request_id: str | None = None
+    after: str | None = None
+
+    @property
+    def model(self) -> str:
+        return self.plan.model
+
+
+@dataclass(frozen=True)
+class SetAuto:
+    model: str
+    hold_until: float  # watch the load until then before deciding
+
+
+@dataclass(frozen=True)
+class SetManual:
+    model: str  # the live plan holds until --auto
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The answer to a `packrat reconfigure` request that needs no switch."""
+
+    request_id: str
+    ok: bool
+    message: str
+    plan: ServedPlan | None
+
+
+@dataclass(frozen=True)
+class Note:
+    """Something the user should see in `packrat status` (last_error)."""
+
+    model: str
+    message: str
+
+
+Action = SwitchTo | SetAuto | SetManual | Answer | Note
+
+
+def decide(models: list[ModelView], now: float, policy: PolicyParams,
+           max_batch_delay_ms: float) -> list[Action]:
+    """Automatic switches: for each model under automatic control, not switching and not on
+    hold, the plan for its estimated B if the policy says it is worth a switch."""
+    actions: list[Action] = []
+    for m in models:
+        if not m.auto or m.switching or now < m.hold_until:
+            continue
+        try:
+            target = plan_for_batch(m.optimizer, m.name, str(m.next_version), m.estimate, m.cores)
+        except PlanError as e:
+            actions.append(Note(m.name, str(e)))
+            continue
+        if should_switch(m.plan, target, m.optimizer, m.estimate, policy, max_batch_delay_ms):
+            actions.append(SwitchTo(target, Reason.AUTO))
+    return actions
+
+
+@dataclass(frozen=True)
+class Reconfigure:
+    """A `packrat reconfigure` request: `auto`, or the plan for `for_batch`, or a manual
+    ⟨instances, threads, batch⟩."""
+
+    id: str
+    model: str
+    auto: bool = False
+    for_batch: int | None = None
+    instances: int | None = None
+    threads: int | None = None
+    batch: int | None = None
+
+    @staticmethod
+    def from_json(request_id: str, data: object) -> "Reconfigure":
+        """Raises PackratError naming what is wrong with the request."""
+        if not isinstance(data, dict):
+            raise PackratError(f"request {request_id} is not a JSON object")
+
+        def integer(key: str) -> int | None:
+            value = data.get(key)
+            if value is None:
+                return None
+            if type(value) is not int:
+                raise PackratError(f"{key} must be an integer, got {value!r}")
+            return value
+
+        return Reconfigure(request_id, str(data.get("model")), bool(data.get("auto")),
+                           integer("for_batch"), integer("instances"), integer("threads"),
+                           integer("batch"))
+
+
+def decide_request(models: list[ModelView], request: Reconfigure, now: float,
+                   watch_s: float) -> list[Action]:
+    """What to do about a reconfigure request. watch_s: after --auto, how long to watch the
+    load before deciding (the estimate may still describe the manual period's load)."""
+    view = next((m for m in models if m.name == request.model), None)
+    if view is None:
+        served = ", ".join(m.name for m in models) or "none"
+        return [Answer(request.id, False, f"no model {request.model!r} is served; served: "
+                                          f"{served}", None)]
+    if request.auto:
+        return [SetAuto(view.name, now + watch_s),
+                Answer(request.id, True, f"{view.name}: automatic reconfiguration on", view.plan)]
+    version = str(view.next_version)
+    try:
+        if request.for_batch is not None:
+            opt = view.optimizer
+            if not 1 <= request.for_batch <= opt.max_servable:
+                raise PlanError(f"--for-batch {request.for_batch}: the profile serves B = 1.."
+                                f"{opt.max_servable} on {len(view.cores)} cores")
+            plan = plan_for_batch(opt, view.name, version, request.for_batch, view.cores)
+        elif None in (request.instances, request.threads, request.batch):
+            raise PlanError("give --instances, --threads and --batch together, or --for-batch, "
+                            "or --auto")
+        else:
+            plan = manual_plan(view.optimizer, view.name, version, request.instances,
+                               request.threads, request.batch, view.cores)
+    except PlanError as e:
+        return [Answer(request.id, False, f"bad request: {e}", view.plan)]
+    if plan.same_shape(view.plan):
+        return [SetManual(view.name),
+                Answer(request.id, True, f"{view.name} already serves {plan.describe()}",
+                       view.plan)]
+    return [SwitchTo(plan, Reason.MANUAL, request_id=request.id)]
