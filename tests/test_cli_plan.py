@@ -1,5 +1,6 @@
 """`packrat plan` and profile files as a user meets them: the real console command."""
 
+import csv
 import json
 import subprocess
 import sys
@@ -48,17 +49,31 @@ def test_plan_table_on_published_profile():
 
 
 def test_plan_for_many_more_cores_than_this_machine():
-    out = packrat("plan", "--profile", DATA / "pytorch_bert_latency.csv",
-                  "--cores", 128, "--batch", 1024, "--json")
-    assert out.returncode == 0, out.stderr
-    data = json.loads(out.stdout)
-    assert sum(i["threads"] for i in data["optimal"]["instances"]) <= 128
+    plans = {}
+    for cores in (16, 128):
+        out = packrat("plan", "--profile", DATA / "pytorch_bert_latency.csv",
+                      "--cores", cores, "--batch", 1024, "--json")
+        assert out.returncode == 0, out.stderr
+        plans[cores] = json.loads(out.stdout)
+    wide = plans[128]["optimal"]
+    # planning is arithmetic: 128 cores allow more instances than the 16 profiled ones, and
+    # they serve B = 1024 faster
+    assert 16 < sum(i["threads"] for i in wide["instances"]) <= 128
+    assert sum(i["batch"] for i in wide["instances"]) == 1024
+    assert wide["latency_ms"] < plans[16]["optimal"]["latency_ms"]
 
 
 def test_published_torchserve_format_is_read():
-    out = packrat("plan", "--profile", DATA / "torchserve_bert_results.csv",
-                  "--cores", 16, "--batch", 32, "--json")
+    path = DATA / "torchserve_bert_results.csv"
+    out = packrat("plan", "--profile", path, "--cores", 16, "--batch", 32, "--json")
     assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    # the baseline is the file's row for one 16-core instance serving 32 (default allocator)
+    with open(path) as f:
+        row = next(r for r in csv.DictReader(f) if r["cores"] == "16" and r["batch_size"] == "32"
+                   and r["allocator"] == "default" and r["instances"] == "1")
+    assert data["baseline_threads"] == 16
+    assert data["baseline_latency_ms"] == pytest.approx(float(row["mean_ts_latency"]))
 
 
 @pytest.mark.parametrize(
