@@ -330,6 +330,7 @@ def test_frontend_watchdog_restarts_backs_off_and_serves_every_plan_again(tmp_pa
     assert len(restarts) == 2 and c.server.frontend_pid == 11 and c.server_restarts == 1
     assert c.models["a"].plan.describe() == "2x<t=1,b=2>" and c.models["b"].plan.describe() == "1x<t=2,b=1>"
     assert ts.registered("a") == [c.models["a"].plan.version] != ["1"]
+    assert c.models["a"].reconfigurations == 0  # a restore is no reconfiguration
     assert "restarted as pid 11" in read_json(c.run.state_file)["torchserve_event"]
 
 

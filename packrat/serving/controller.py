@@ -1,14 +1,14 @@
 """The reconfiguration controller: estimates B per model from live traffic and, when a better
 plan is worth it, switches TorchServe to it make-before-break.
 
-Each tick (`Controller.tick`, every `tick_s`):
+Each tick (`Controller.tick`, every `tick_s` while a switch is under way):
 - the frontend watchdog: a dead TorchServe is restarted and every plan served again;
 - every switch under way advances one step if its last step has finished
   (packrat.serving.switch: a switch never blocks the loop);
-- every `interval_s`: scrape the metrics, feed each model's estimator, and carry out what
-  `packrat.core.decide.decide` returns for the models not switching;
 - `packrat reconfigure` requests are read, decided (`decide_request`) and carried out; a
-  request for a model that is switching waits for the next tick after the switch.
+  request for a model that is switching waits until the switch has ended;
+- every `interval_s`: scrape the metrics, feed each model's estimator, and carry out what
+  `packrat.core.decide.decide` returns for the models not switching.
 
 Cores during a switch: both versions are pinned inside the model's cores, so while the new
 workers load and warm, they share cores with the old ones. Latency rises a little during a
@@ -37,7 +37,6 @@ from packrat.core.policy import PolicyParams, plan_for_batch
 from packrat.errors import PackratError, PlanError, TorchServeError
 from packrat.serving.rundir import RunDir, read_json, write_json
 from packrat.serving.switch import Switch, SwitchContext, SwitchResult, SwitchSettings
-from packrat.serving.versions import remove_version_files
 from packrat.torchserve import ServerProcess, TorchServeClient, is_running, stop_server
 
 log = logging.getLogger(__name__)
@@ -120,13 +119,13 @@ class Controller:
         if not self.server_up():
             return
         self.advance_switches()
+        self.handle_requests()  # before deciding: what the user asks for goes first
         now = self.clock()
         if now >= self.next_sample:
             self.next_sample = now + self.params.interval_s
             if self.sample_all():
                 self.carry_out(decide(self.views(), now, self.params.policy,
                                       self.params.max_batch_delay_ms))
-        self.handle_requests()
         self.save_state()
 
     def views(self) -> list[ModelView]:
@@ -168,7 +167,7 @@ class Controller:
 
     def _promoted(self, switch: Switch) -> None:
         m = self.models[switch.model]
-        if m.plan is not None:
+        if m.plan is not None and switch.action.reason is not Reason.RESTORE:
             m.reconfigurations += 1
             m.last_reconfiguration_unix = self.wall()
         m.plan, m.last_error = switch.plan, None
@@ -271,9 +270,10 @@ class Controller:
         self.server_restarts += 1
         restoring = []
         for m in self.models.values():
-            old, m.plan = m.plan, None
+            # The old version died with the frontend; the switch finds it gone and removes
+            # its files. Until the new one serves, status shows the old plan without pids.
+            old = m.plan
             if old is not None:
-                remove_version_files(self.run, m.name, old.version)
                 plan = replace(old, version=str(m.next_version))
             else:
                 try:
