@@ -138,6 +138,8 @@ def cmd_status(args) -> int:
         for i in plan["instances"]:
             print(f"  worker pid {i['pid'] or '-':>7}: {i['threads']} threads, batch {i['batch']}, "
                   f"cores {','.join(map(str, i['cores'])) or '-'}")
+        if m.get("switching"):
+            print(f"  switching {m['switching']}")
         if m.get("last_error"):
             print(f"  last error: {m['last_error']}")
     return 0

@@ -100,6 +100,7 @@ def status(run_dir: Path) -> dict:
             "last_reconfiguration_s": round(now - last, 1) if last else None,
             "last_error": st.get("last_error"),
             "calibration": st.get("calibration"),
+            "switching": st.get("switching"),  # a switch under way, and its step
         }
     return {
         "controller_pid": controller_pid(run),
