@@ -1,14 +1,17 @@
 """`packrat bench`: the oracle's configurations (pure), and a short real run on TorchServe."""
 
+import itertools
 import json
 import math
 import os
-import signal
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+import requests
 
 from packrat.bench.configs import (
     Config,
@@ -24,6 +27,7 @@ from packrat.bench.configs import (
 from packrat.core.optimizer import Optimizer
 from packrat.core.policy import plan_for_batch
 from packrat.core.profile import Profile, ProfilePoint
+from packrat.measure.loadgen import measure_closed_loop
 from packrat.serving.rundir import RunDir
 from packrat.torchserve import server_processes, torchserve_command
 
@@ -84,12 +88,61 @@ def test_rounds_windows_and_rows():
     measured = {C(1, 1, 2): rounds(25, 21, 22), C(1, 2, 1): rounds(12, 13, 30),
                 C(2, 1, 2): rounds(14, 12, 15), C(None, 2, 2): rounds(20, 20, 20)}
     row = build_row("m", 2, 2, opt, C(1, 2, 1), measured, 10.0)
-    assert row["packrat"]["latency_ms"] == 13 and row["baseline"]["latency_ms"] == 14
-    assert row["oracle"]["plan"] == "2x<t=1,b=1>" and row["oracle"]["latency_ms"] == 13
-    assert row["torchserve_default"]["plan"] == "2x<unpinned,b=2>"
-    assert row["speedup"] == pytest.approx(14 / 13, abs=1e-4) and row["vs_oracle"] == 1.0
-    assert row["ideal_ms"] == 10.0 and row["baseline"]["predicted_ms"] == 11.0
-    json.dumps(row, allow_nan=False)
+    assert row.packrat.latency_ms == 13 and row.baseline.latency_ms == 14
+    assert row.oracle.plan == "2x<t=1,b=1>" and row.oracle.latency_ms == 13
+    assert row.torchserve_default.plan == "2x<unpinned,b=2>"
+    assert row.speedup == pytest.approx(14 / 13, abs=1e-4) and row.vs_oracle == 1.0
+    assert row.ideal_ms == 10.0 and row.baseline.predicted_ms == 11.0
+    data = row.to_json()
+    json.dumps(data, allow_nan=False)
+    # bench.json's format: the same keys as the attributes, the role entries without rounds
+    assert list(data) == ["model", "batch", "cores", "packrat", "baseline", "torchserve_default",
+                          "oracle", "ideal_ms", "calibration", "dp_optimal", "speedup",
+                          "vs_oracle", "configs"]
+    assert data["packrat"] == {"plan": "2x<t=1,b=1>", "latency_ms": 13, "p99_ms": 19.5,
+                               "throughput_rps": 7.692, "answered": 30, "failed": 0,
+                               "disturbed_rounds": 0, "predicted_ms": 10.0}
+    assert "predicted_ms" not in data["torchserve_default"]
+    assert [c["plan"] for c in data["configs"]] == [
+        "1x<t=1,b=2>", "2x<t=1,b=1>", "1x<t=2,b=2>", "2x<unpinned,b=2>"]
+    assert data["configs"][1]["rounds"][2]["p50_ms"] == 30
+
+
+def test_measure_closed_loop_accounts_for_every_request():
+    calls = itertools.count()
+
+    class Answer:
+        def __init__(self, status):
+            self.status_code, self.text = status, "queue full"
+
+    def send():
+        k = next(calls)
+        time.sleep(0.002)  # the server's time per request
+        if k % 5 == 4:
+            return Answer(503)
+        if k % 7 == 6:
+            raise requests.ConnectionError("dropped")
+        return Answer(200)
+
+    class Watch:
+        started = None
+
+        def start(self):
+            self.started = time.perf_counter()
+
+        def cores(self):
+            return 0.5
+
+    watch = Watch()
+    m = measure_closed_loop(send, clients=3, warmup_s=0.05, seconds=0.2, timeout_s=5,
+                            watch=watch)
+    assert len(m.samples) + len(m.failures) + len(m.unanswered) == next(calls)
+    assert m.failures and all(f.startswith("HTTP 503: queue full") for f in m.failures)
+    assert m.unanswered and all("dropped" in u for u in m.unanswered)
+    assert m.lost == len(m.failures) + len(m.unanswered)
+    assert watch.started <= m.start < m.end and m.foreign_cores == 0.5
+    window = m.latencies_ms()  # sent in the window only, not during the warm-up
+    assert 0 < len(window) < len(m.samples) and all(ms >= 2.0 for ms in window)
 
 
 ROW_KEYS = {"model", "batch", "packrat", "baseline", "torchserve_default", "oracle", "ideal_ms",

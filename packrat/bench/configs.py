@@ -1,11 +1,13 @@
 """The benchmark's configurations and statistics: which <i, t, b> to measure for B, how long,
-and how a row of results is made from their rounds. Pure."""
+and how a row of results (`Row`; `Row.to_json()` is an object of bench.json) is made from
+their rounds. Pure."""
 
 from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 from packrat.core.optimizer import Optimizer
@@ -150,70 +152,151 @@ def _r(x: float | None, digits: int = 3) -> float | None:
     return round(float(x), digits)
 
 
-def summarize(rounds: list[RoundResult]) -> dict:
-    """Median over rounds of the per-round p50, p99 and throughput."""
+@dataclass(frozen=True)
+class Summary:
+    """Medians over rounds of the per-round p50, p99 and throughput (None where no round had
+    one), rounded as bench.json writes them; totals of requests; rounds others disturbed."""
+
+    latency_ms: float | None
+    p99_ms: float | None
+    throughput_rps: float | None
+    answered: int
+    failed: int
+    disturbed_rounds: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def summarize(rounds: list[RoundResult]) -> Summary:
     def med(values):
         values = [v for v in values if math.isfinite(v)]
         return statistics.median(values) if values else math.nan
 
-    return {
-        "latency_ms": _r(med([r.p50_ms for r in rounds])),
-        "p99_ms": _r(med([r.p99_ms for r in rounds])),
-        "throughput_rps": _r(med([r.throughput_rps for r in rounds])),
-        "answered": sum(r.answered for r in rounds),
-        "failed": sum(r.failed for r in rounds),
-        "disturbed_rounds": sum(r.foreign_cores > FOREIGN_LIMIT_CORES for r in rounds),
-    }
+    return Summary(
+        latency_ms=_r(med([r.p50_ms for r in rounds])),
+        p99_ms=_r(med([r.p99_ms for r in rounds])),
+        throughput_rps=_r(med([r.throughput_rps for r in rounds])),
+        answered=sum(r.answered for r in rounds),
+        failed=sum(r.failed for r in rounds),
+        disturbed_rounds=sum(r.foreign_cores > FOREIGN_LIMIT_CORES for r in rounds),
+    )
+
+
+@dataclass(frozen=True)
+class ConfigResult:
+    """One configuration measured for B: its rounds and the profile's prediction (rounded;
+    None where the profile cannot tell)."""
+
+    config: Config
+    rounds: tuple[RoundResult, ...]
+    predicted_ms: float | None
+
+    @cached_property
+    def stats(self) -> Summary:
+        return summarize(list(self.rounds))
+
+    @property
+    def plan(self) -> str:
+        return self.config.describe()
+
+    @property
+    def latency_ms(self) -> float | None:
+        return self.stats.latency_ms
+
+    def summary_json(self) -> dict:
+        """As a row's packrat, baseline and oracle entries are written."""
+        return {"plan": self.plan, **self.stats.to_json(), "predicted_ms": self.predicted_ms}
+
+    def to_json(self) -> dict:
+        """As an entry of a row's `configs` is written: the summary, the shape, the rounds."""
+        return {**self.summary_json(), "threads": self.config.threads,
+                "instances": self.config.instances, "batch_size": self.config.batch_size,
+                "rounds": [r.to_json() for r in self.rounds]}
+
+
+@dataclass(frozen=True)
+class PlanPrediction:
+    plan: str
+    predicted_ms: float | None
+
+
+@dataclass(frozen=True)
+class Row:
+    """The results for one (model, B): one line of the table, one object of bench.json."""
+
+    model: str
+    batch: int
+    cores: int
+    packrat: ConfigResult            # predicted_ms: the served plan's prediction
+    baseline: ConfigResult
+    torchserve_default: ConfigResult | None  # None: not measured
+    oracle: ConfigResult             # the fastest servable configuration measured
+    configs: tuple[ConfigResult, ...]  # every configuration measured, pinned ones first
+    dp_optimal: PlanPrediction       # the DP's optimum, servable or not
+    ideal_ms: float | None           # L[1][1] x B / N from the profile as measured
+    calibration: str | None          # Calibration.describe() of the profile planned with
+
+    @property
+    def speedup(self) -> float | None:
+        p, b = self.packrat.latency_ms, self.baseline.latency_ms
+        return _r(b / p, 4) if p and b else None
+
+    @property
+    def vs_oracle(self) -> float | None:
+        p, o = self.packrat.latency_ms, self.oracle.latency_ms
+        return _r(p / o, 4) if p and o else None
+
+    @property
+    def prediction_error(self) -> float | None:
+        """packrat's predicted / measured - 1, None if either is unknown."""
+        pred, meas = self.packrat.predicted_ms, self.packrat.latency_ms
+        if not pred or not meas:
+            return None
+        return pred / meas - 1.0
+
+    def to_json(self) -> dict:
+        default = None
+        if self.torchserve_default is not None:
+            # its prediction (the baseline's) is written in `configs` only
+            default = self.torchserve_default.summary_json()
+            del default["predicted_ms"]
+        return {
+            "model": self.model, "batch": self.batch, "cores": self.cores,
+            "packrat": self.packrat.summary_json(),
+            "baseline": self.baseline.summary_json(),
+            "torchserve_default": default,
+            "oracle": self.oracle.summary_json(),
+            "ideal_ms": self.ideal_ms,
+            "calibration": self.calibration,
+            "dp_optimal": asdict(self.dp_optimal),
+            "speedup": self.speedup,
+            "vs_oracle": self.vs_oracle,
+            "configs": [c.to_json() for c in self.configs],
+        }
 
 
 def build_row(model: str, batch: int, cores: int, opt: Optimizer, packrat: Config,
               measured: dict[Config, list[RoundResult]], packrat_predicted: float,
-              raw: Optimizer | None = None, calibration: str | None = None) -> dict:
+              raw: Optimizer | None = None, calibration: str | None = None) -> Row:
     """One result row for (model, B) from every configuration's rounds; pure. opt: the
     profile Packrat plans with (calibrated, if it was); raw: the profile as measured."""
-    base, default = baseline_config(cores, batch), default_config(cores, batch)
-    stats = {cfg: summarize(rounds) for cfg, rounds in measured.items()}
-
-    def entry(cfg: Config, pred: float | None = None) -> dict:
-        out = {"plan": cfg.describe(), **stats[cfg]}
-        if pred is not None:
-            out["predicted_ms"] = _r(pred)
-        return out
-
-    candidates = [c for c in oracle_configs(cores, batch) if c in stats
-                  and stats[c]["latency_ms"] is not None]
+    results = {cfg: ConfigResult(cfg, tuple(rounds), _r(predicted_ms(opt, cfg, batch)))
+               for cfg, rounds in measured.items()}
+    candidates = [c for c in oracle_configs(cores, batch)
+                  if c in results and results[c].latency_ms is not None]
     if not candidates:
         raise PackratError(f"{model} B={batch}: no configuration was measured")
-    best = min(candidates, key=lambda c: (stats[c]["latency_ms"], c))
-    row = {
-        "model": model,
-        "batch": batch,
-        "cores": cores,
-        "packrat": entry(packrat, packrat_predicted),
-        "baseline": entry(base, predicted_ms(opt, base, batch)),
-        "torchserve_default": entry(default) if default in stats else None,
-        "oracle": entry(best, predicted_ms(opt, best, batch)),
-        "ideal_ms": _r((raw or opt).latency(1, 1) * batch / cores),
-        "calibration": calibration,
-    }
-    result = opt.plan(min(batch, opt.max_servable))
-    row["dp_optimal"] = {"plan": result.optimal.describe(),
-                         "predicted_ms": _r(result.optimal.latency_ms)}
-    p, b, o = (row[k]["latency_ms"] for k in ("packrat", "baseline", "oracle"))
-    row["speedup"] = _r(b / p, 4) if p and b else None
-    row["vs_oracle"] = _r(p / o, 4) if p and o else None
-    row["configs"] = [
-        {**entry(cfg, predicted_ms(opt, cfg, batch)), "threads": cfg.threads,
-         "instances": cfg.instances, "batch_size": cfg.batch_size,
-         "rounds": [r.to_json() for r in measured[cfg]]}
-        for cfg in sorted(measured, key=lambda c: (c.threads is None, c))
-    ]
-    return row
-
-
-def prediction_error(row: dict) -> float | None:
-    """packrat's predicted / measured - 1, None if either is unknown."""
-    pred, meas = row["packrat"].get("predicted_ms"), row["packrat"]["latency_ms"]
-    if not pred or not meas:
-        return None
-    return pred / meas - 1.0
+    best = min(candidates, key=lambda c: (results[c].latency_ms, c))
+    optimal = opt.plan(min(batch, opt.max_servable)).optimal
+    return Row(
+        model=model, batch=batch, cores=cores,
+        packrat=replace(results[packrat], predicted_ms=_r(packrat_predicted)),
+        baseline=results[baseline_config(cores, batch)],
+        torchserve_default=results.get(default_config(cores, batch)),
+        oracle=results[best],
+        configs=tuple(results[c] for c in sorted(measured, key=lambda c: (c.threads is None, c))),
+        dp_optimal=PlanPrediction(optimal.describe(), _r(optimal.latency_ms)),
+        ideal_ms=_r((raw or opt).latency(1, 1) * batch / cores),
+        calibration=calibration,
+    )

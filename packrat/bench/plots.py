@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from packrat.bench.configs import PREDICTION_TOLERANCE
+from packrat.bench.configs import PREDICTION_TOLERANCE, Row
 from packrat.core.optimizer import Optimizer
 from packrat.core.profile import Profile
 from packrat.errors import PackratError
@@ -73,11 +73,9 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
-def plot_bench(rows: list[dict], path: Path) -> Path:
+def plot_bench(rows: list[Row], path: Path) -> Path:
     """Per model: latency vs B for each configuration (log-x), and predicted vs measured
     packrat latency."""
-    from packrat.bench.plots import _pyplot, save_figure
-
     plt = _pyplot()
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
@@ -87,36 +85,39 @@ def plot_bench(rows: list[dict], path: Path) -> Path:
         axis.set_major_formatter(plain)
         axis.set_minor_formatter(NullFormatter())
 
-    models = list(dict.fromkeys(r["model"] for r in rows))
+    def nan(values):
+        return [math.nan if v is None else v for v in values]
+
+    models = list(dict.fromkeys(r.model for r in rows))
     fig, axes = plt.subplots(len(models), 2, figsize=(12, 4.5 * len(models)), squeeze=False)
     for (left, right), model in zip(axes, models):
-        mine = sorted((r for r in rows if r["model"] == model), key=lambda r: r["batch"])
-        bs = [r["batch"] for r in mine]
+        mine = sorted((r for r in rows if r.model == model), key=lambda r: r.batch)
+        bs = [r.batch for r in mine]
 
-        def series(key, field="latency_ms", mine=mine):
-            return [(r[key] or {}).get(field) if isinstance(r[key], dict) else r[key]
-                    for r in mine]
+        def series(value, mine=mine):
+            return nan([value(r) for r in mine])
 
-        def nan(values):
-            return [math.nan if v is None else v for v in values]
-
-        left.plot(bs, nan(series("packrat")), "o-", label="packrat (measured)", lw=2)
-        left.plot(bs, nan(series("packrat", "predicted_ms")), "o:", label="packrat (predicted)",
-                  color="C0", alpha=0.6)
-        left.plot(bs, nan(series("baseline")), "s-", label="baseline: 1 worker, N threads")
-        left.plot(bs, nan(series("torchserve_default")), "^-", label="TorchServe default")
-        left.plot(bs, nan(series("oracle")), "x--", label="oracle (best measured)")
-        left.plot(bs, nan(series("ideal_ms")), "k--", lw=0.8, label="ideal: L[1][1]·B/N")
+        left.plot(bs, series(lambda r: r.packrat.latency_ms), "o-", label="packrat (measured)",
+                  lw=2)
+        left.plot(bs, series(lambda r: r.packrat.predicted_ms), "o:",
+                  label="packrat (predicted)", color="C0", alpha=0.6)
+        left.plot(bs, series(lambda r: r.baseline.latency_ms), "s-",
+                  label="baseline: 1 worker, N threads")
+        left.plot(bs, series(lambda r: r.torchserve_default and r.torchserve_default.latency_ms),
+                  "^-", label="TorchServe default")
+        left.plot(bs, series(lambda r: r.oracle.latency_ms), "x--", label="oracle (best measured)")
+        left.plot(bs, series(lambda r: r.ideal_ms), "k--", lw=0.8, label="ideal: L[1][1]·B/N")
         left.set_xscale("log", base=2)
         left.set_yscale("log")
         left.set_xticks(bs)
         plain_log(left.xaxis)
         plain_log(left.yaxis)
         left.set(xlabel="batch B (closed-loop clients)", ylabel="p50 batch latency (ms)",
-                 title=f"{model}, N = {mine[0]['cores']} cores, measured on TorchServe")
+                 title=f"{model}, N = {mine[0].cores} cores, measured on TorchServe")
         left.legend(fontsize=8)
 
-        pred, meas = nan(series("packrat", "predicted_ms")), nan(series("packrat"))
+        pred = series(lambda r: r.packrat.predicted_ms)
+        meas = series(lambda r: r.packrat.latency_ms)
         right.scatter(pred, meas)
         for b, x, y in zip(bs, pred, meas):
             if math.isfinite(x) and math.isfinite(y):

@@ -26,12 +26,10 @@ has no spare core): its cost is part of every figure, as TorchServe's frontend i
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -43,6 +41,7 @@ from packrat.bench.configs import (
     QUIET_WAIT_S,
     Config,
     RoundResult,
+    Row,
     baseline_config,
     build_row,
     default_config,
@@ -54,19 +53,13 @@ from packrat.bench.configs import (
     round_result,
     warmup_seconds,
 )
-from packrat.core.optimizer import Optimizer
+from packrat.bench.models import BenchModel, prepare_model
 from packrat.errors import PackratError, TorchServeError
-from packrat.measure.foreign import (
-    ATTEMPTS,
-    FOREIGN_LIMIT_CORES,
-    ForeignCpu,
-    wait_quiet,
-)
-from packrat.serving.rundir import RUN_DIR_ENV, RunDir, ServedPlan
+from packrat.measure.foreign import ForeignCpu, least_disturbed
+from packrat.serving.rundir import RunDir, write_json
 from packrat.torchserve import MAX_SOCKET_PATH
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -82,28 +75,17 @@ class BenchOptions:
     calibrate: bool = True  # plan with the profile calibrated through TorchServe
 
 
-@dataclass
-class _Model:
-    name: str
-    archive: Path
-    base_dir: Path
-    body: bytes
-    opt: Optimizer       # what Packrat plans with: the profile, calibrated once TorchServe runs
-    profile_path: Path
-    raw_opt: Optimizer   # the profile as measured
-    calibration: str | None = None
-    next_version: int = 1
-
-
 @dataclass(frozen=True)
 class _Version:
     config: Config
     version: str
-    plan: ServedPlan | None
 
 
 @dataclass
 class _Bench:
+    """One TorchServe, one model at a time: register a B's configurations as versions,
+    calibrate the model's profile, measure each version in rounds, make the B's row."""
+
     options: BenchOptions
     run: RunDir
     client: object  # TorchServeClient
@@ -114,11 +96,20 @@ class _Bench:
     def elapsed(self) -> str:
         return f"[{time.monotonic() - self.started:6.0f} s]"
 
+    def tell(self, msg: str) -> None:
+        self.say(f"{self.elapsed()} {msg}")
+
+    def watch(self) -> ForeignCpu:
+        """Other processes' CPU; TorchServe's processes are ours."""
+        from packrat.torchserve import server_processes
+
+        return ForeignCpu(lambda: server_processes(self.run.torchserve))
+
     # -- versions
 
-    def register(self, m: _Model, cfg: Config, batch: int) -> _Version:
+    def register(self, m: BenchModel, cfg: Config, batch: int) -> _Version:
         from packrat.core.policy import manual_plan
-        from packrat.serving.controller import deploy_version
+        from packrat.serving.versions import deploy_version
 
         version = str(m.next_version)
         m.next_version += 1
@@ -127,126 +118,74 @@ class _Bench:
             plan = manual_plan(m.opt, m.name, version, cfg.instances, cfg.threads,
                                cfg.batch_size, self.cores)
             plan = replace(plan, predicted_ms=predicted_ms(m.opt, cfg, batch), for_batch=batch)
-            self.run.write_plan(plan)
         est = estimated_ms(m.opt, cfg, batch)
-        self.say(f"{self.elapsed()} {m.name} B={batch}: registering {cfg.describe()} as "
-                 f"version {version}")
+        self.tell(f"{m.name} B={batch}: registering {cfg.describe()} as version {version}")
         deploy_version(self.run, self.client, m.base_dir, m.name, version, plan,
                        instances=cfg.instances, batch_size=cfg.batch_size,
                        max_batch_delay_ms=self.options.max_batch_delay_ms, warm_body=m.body,
                        response_timeout_s=max(120, int(20 * est / 1000)))
-        return _Version(cfg, version, plan)
+        return _Version(cfg, version)
 
-    def unregister_all(self, m: _Model) -> None:
+    def unregister_all(self, m: BenchModel) -> None:
         """Delete every version of the model (the default last: TorchServe refuses it first)."""
-        from packrat.serving.controller import remove_version_files
+        from packrat.serving.versions import remove_version_files
 
-        versions = sorted(self.client.versions(m.name), key=lambda x: x.is_default)
-        for x in versions:
+        for x in sorted(self.client.versions(m.name), key=lambda x: x.is_default):
             self.client.unregister(m.name, x.version)
             remove_version_files(self.run, m.name, x.version)
 
-    def calibrate(self, m: _Model) -> None:
+    # -- calibration
+
+    def calibrate(self, m: BenchModel) -> None:
         """Plan with the profile calibrated through this TorchServe (cached beside it), as
-        `packrat serve` does."""
-        from packrat.core.profile import read_profile
-        from packrat.core.calibration import default_target, scale_profile
-        from packrat.serving.calibrate import (
-            calibrate, calibration_path, load_calibration, save_calibration, version_numbers,
-        )
+        `packrat serve` does; measured again while other processes disturb it."""
+        from packrat.serving.calibrate import calibrated_profile, version_numbers
 
-        n = len(self.cores)
-        path = calibration_path(m.profile_path, n, self.options.max_batch_delay_ms,
-                                default_target(n))
-        cal = load_calibration(path)
-        profile = read_profile(m.profile_path)
-        if cal is None:
-            watch = ForeignCpu(self.run.torchserve)
-            for attempt in range(1, ATTEMPTS + 1):
-                wait_quiet(watch, self.say, f"calibrating {m.name}", self.options.quiet_wait_s)
-                cal = calibrate(self.run, self.client, m.base_dir, m.name, profile, self.cores,
-                                m.body, version_numbers(m),
-                                max_batch_delay_ms=self.options.max_batch_delay_ms,
-                                say=lambda msg: self.say(f"{self.elapsed()} {msg}"), watch=watch)
-                # read over each measurement only: workers that started and stopped between
-                # them are ours but gone, and would count as foreign over the whole span
-                foreign = max(p.foreign_cores for p in cal.points)
-                if foreign <= FOREIGN_LIMIT_CORES:
-                    break
-                # a disturbed calibration misranks plans as surely as a disturbed profile
-                self.say(f"{m.name}: other processes used {foreign:.2f} cores while calibrating"
-                         + ("; calibrating again" if attempt < ATTEMPTS else "; keeping it"))
-            save_calibration(cal, path)
-        m.opt = Optimizer(scale_profile(profile, cal), n)
-        m.calibration = cal.describe()
-        self.say(f"{self.elapsed()} {m.name}: calibrated profile ({m.calibration}; {path})")
+        found = calibrated_profile(
+            self.run, self.client, m.base_dir, m.name, m.profile_path, self.cores, m.body,
+            version_numbers(m), max_batch_delay_ms=self.options.max_batch_delay_ms,
+            say=self.tell, watch=self.watch(),
+            quiet_wait_s=self.options.quiet_wait_s)
+        m.opt = found.optimizer
+        m.calibration = found.calibration.describe()
+        self.tell(f"{m.name}: calibrated profile ({m.calibration}; {found.path})")
 
-    # -- load
+    # -- measurement
 
-    def measure(self, m: _Model, v: _Version, batch: int) -> RoundResult:
-        """One round of one configuration; repeated (up to ATTEMPTS) when other processes
-        used the cores meanwhile, else the least disturbed attempt is kept and flagged."""
-        watch = ForeignCpu(self.run.torchserve)
-        best = None
-        for attempt in range(1, ATTEMPTS + 1):
-            wait_quiet(watch, self.say, f"{m.name} B={batch} {v.config.describe()}",
-                       self.options.quiet_wait_s)
-            res = self._measure_once(m, v, batch, watch)
-            if best is None or res.foreign_cores < best.foreign_cores:
-                best = res
-            if res.foreign_cores <= FOREIGN_LIMIT_CORES:
-                break
-            self.say(f"{self.elapsed()} {m.name} B={batch} {v.config.describe()}: other "
-                     f"processes used {res.foreign_cores:.2f} cores during the measurement "
-                     f"(p50 {res.p50_ms:.1f} ms)" + ("; measuring again" if attempt < ATTEMPTS
-                                                     else "; keeping the least disturbed"))
-        return best
+    def measure(self, m: BenchModel, v: _Version, batch: int) -> RoundResult:
+        """One round of one configuration; measured again (up to ATTEMPTS times) when other
+        processes used the cores meanwhile; the least disturbed is kept (and counted in the
+        row's disturbed_rounds if still over the limit)."""
+        watch = self.watch()
+        return least_disturbed(lambda: self._measure_once(m, v, batch, watch),
+                               lambda r: r.foreign_cores, watch, self.tell,
+                               f"{m.name} B={batch} {v.config.describe()}",
+                               self.options.quiet_wait_s)
 
-    def _measure_once(self, m: _Model, v: _Version, batch: int, watch: ForeignCpu) -> RoundResult:
+    def _measure_once(self, m: BenchModel, v: _Version, batch: int, watch: ForeignCpu) -> RoundResult:
+        from packrat.measure.loadgen import measure_closed_loop
+
+        what = f"{m.name} B={batch} {v.config.describe()}"
         est = estimated_ms(m.opt, v.config, batch)
         seconds = self.options.seconds or default_seconds(est)
         timeout = max(60.0, 20 * est / 1000.0)
-        samples: list[tuple[float, float]] = []
-        lock = threading.Lock()
-
-        def send():
-            a = time.perf_counter()
-            r = self.client.predict(m.name, m.body, version=v.version, timeout_s=timeout)
-            b = time.perf_counter()
-            if r.status_code == 200:
-                with lock:
-                    samples.append((a, b))
-            return r
-
-        from packrat.measure.loadgen import ClosedLoop
-
-        load = ClosedLoop(send, timeout_s=timeout)
-        try:
-            load.set_concurrency(batch)
-            time.sleep(warmup_seconds(est))
-            watch.start()
-            start = time.perf_counter()
-            time.sleep(seconds)
-            end = time.perf_counter()
-            foreign = watch.cores()
-        finally:
-            result = load.stop()
-        failed = len(result.failures) + len(result.unanswered)
-        if failed:
-            first = (result.failures + result.unanswered)[0]
-            self.say(f"{self.elapsed()} {m.name} B={batch} {v.config.describe()}: {failed} "
-                     f"requests failed or unanswered, e.g. {first}")
-        with lock:
-            out = replace(round_result(list(samples), start, end, failed), foreign_cores=foreign)
+        got = measure_closed_loop(
+            lambda: self.client.predict(m.name, m.body, version=v.version, timeout_s=timeout),
+            clients=batch, warmup_s=warmup_seconds(est), seconds=seconds, timeout_s=timeout,
+            watch=watch)
+        if got.lost:
+            self.tell(f"{what}: {got.lost} requests failed or unanswered, e.g. "
+                      f"{(got.failures + got.unanswered)[0]}")
+        out = replace(round_result(list(got.samples), got.start, got.end, got.lost),
+                      foreign_cores=got.foreign_cores)
         if out.answered == 0:
-            raise PackratError(f"{m.name} B={batch} {v.config.describe()}: no request was "
-                               f"answered in {seconds:.1f} s ({failed} failed); see "
-                               f"{self.run.torchserve / 'logs'}")
+            raise PackratError(f"{what}: no request was answered in {seconds:.1f} s "
+                               f"({got.lost} failed); see {self.run.torchserve / 'logs'}")
         return out
 
     # -- one model, one B
 
-    def bench_batch(self, m: _Model, batch: int) -> dict:
+    def bench_batch(self, m: BenchModel, batch: int) -> Row:
         from packrat.core.policy import plan_for_batch
 
         n = len(self.cores)
@@ -259,22 +198,20 @@ class _Bench:
         roles.setdefault(baseline_config(n, batch), []).append("baseline")
         roles.setdefault(default_config(n, batch), []).append("torchserve_default")
         configs = sorted(roles, key=lambda c: (c.threads is None, c))
-        self.say(f"{self.elapsed()} {m.name} B={batch}: packrat serves {packrat.describe()} "
-                 f"(predicted {served.predicted_ms:.1f} ms); {len(configs)} configurations")
+        self.tell(f"{m.name} B={batch}: packrat serves {packrat.describe()} "
+                  f"(predicted {served.predicted_ms:.1f} ms); {len(configs)} configurations")
         measured: dict[Config, list[RoundResult]] = {c: [] for c in configs}
-        versions: dict[Config, _Version] = {}
         try:
-            for cfg in configs:
-                versions[cfg] = self.register(m, cfg, batch)
+            versions = {cfg: self.register(m, cfg, batch) for cfg in configs}
             for r in range(self.options.rounds):
                 for cfg in rotated(configs, r):
                     res = self.measure(m, versions[cfg], batch)
                     measured[cfg].append(res)
                     label = "+".join(roles[cfg]) or "oracle candidate"
-                    self.say(f"{self.elapsed()} {m.name} B={batch} round {r + 1}/"
-                             f"{self.options.rounds} {cfg.describe()} ({label}): p50 "
-                             f"{res.p50_ms:.1f} ms, p99 {res.p99_ms:.1f} ms, "
-                             f"{res.throughput_rps:.1f} req/s, {res.answered} answered")
+                    self.tell(f"{m.name} B={batch} round {r + 1}/{self.options.rounds} "
+                              f"{cfg.describe()} ({label}): p50 {res.p50_ms:.1f} ms, p99 "
+                              f"{res.p99_ms:.1f} ms, {res.throughput_rps:.1f} req/s, "
+                              f"{res.answered} answered")
         finally:
             try:
                 self.unregister_all(m)
@@ -282,62 +219,11 @@ class _Bench:
                 self.say(f"{m.name}: could not delete the versions of B={batch}: {e}")
         row = build_row(m.name, batch, n, m.opt, packrat, measured, served.predicted_ms,
                         raw=m.raw_opt, calibration=m.calibration)
-        self.say(f"{self.elapsed()} {m.name} B={batch}: packrat {row['packrat']['latency_ms']} ms, "
-                 f"baseline {row['baseline']['latency_ms']} ms, oracle {row['oracle']['plan']} "
-                 f"{row['oracle']['latency_ms']} ms, speedup {row['speedup']}, "
-                 f"packrat/oracle {row['vs_oracle']}")
+        self.tell(f"{m.name} B={batch}: packrat {row.packrat.latency_ms} ms, baseline "
+                  f"{row.baseline.latency_ms} ms, oracle {row.oracle.plan} "
+                  f"{row.oracle.latency_ms} ms, speedup {row.speedup}, "
+                  f"packrat/oracle {row.vs_oracle}")
         return row
-
-
-def _prepare_model(name: str, options: BenchOptions, cores: tuple[int, ...], run: RunDir,
-                   say) -> _Model:
-    from packrat.measure.profiler import (
-        ProfileSettings,
-        default_threads,
-        profile_archive,
-    )
-    from packrat.model.archive import build_zoo_archive, extract_archive
-    from packrat.model.spec import ModelSpec
-    from packrat.model.wire import encode_example
-
-    out = Path(options.out)
-    mar, example = out / f"{name}.mar", out / f"{name}.example.json"
-    if not mar.is_file():
-        say(f"{name}: archiving into {out}")
-        result = build_zoo_archive(name, out, progress=lambda msg: say(f"{name}: {msg}"))
-        mar, example = result.mar_path, result.example_path
-    base = extract_archive(mar, run.path / "archives" / name)
-    if not example.is_file():
-        example.write_text(json.dumps(encode_example(ModelSpec.load(base))) + "\n")
-    max_batch = max(options.max_batch or 0, max(options.batches))
-    settings = ProfileSettings(threads=default_threads(len(cores)), max_batch=max_batch)
-    last = [0.0]
-
-    def progress(ev):
-        now = time.monotonic()
-        if ev.kind == "cached":
-            say(f"{name}: profile cached ({ev.total} points)")
-        elif ev.kind == "point" and (now - last[0] > 5 or ev.done == ev.total):
-            last[0] = now
-            say(f"{name}: profiling {ev.done}/{ev.total} t={ev.threads} b={ev.batch} "
-                f"{ev.latency_ms:.1f} ms ({ev.elapsed_s:.0f} s)")
-
-    watch = ForeignCpu()
-    for attempt in range(1, ATTEMPTS + 1):
-        wait_quiet(watch, say, f"profiling {name}", options.quiet_wait_s)
-        watch.start()
-        profile = profile_archive(mar, settings, force=attempt > 1, progress=progress)
-        foreign = watch.cores()
-        if profile.cached or foreign <= FOREIGN_LIMIT_CORES:
-            break
-        say(f"{name}: other processes used {foreign:.2f} cores while profiling"
-            + ("; profiling again" if attempt < ATTEMPTS else "; keeping this profile"))
-    say(f"{name}: profile {profile.path}")
-    opt = Optimizer(profile.profile, len(cores))
-    if max(options.batches) > opt.max_servable:
-        raise PackratError(f"{name}: B={max(options.batches)} cannot be served on {len(cores)} "
-                           f"cores with its profile (at most {opt.max_servable})")
-    return _Model(name, mar, base, example.read_bytes(), opt, profile.path, opt)
 
 
 def _fresh_run_dir(out: Path) -> tuple[RunDir, Path | None]:
@@ -360,17 +246,11 @@ def _fresh_run_dir(out: Path) -> tuple[RunDir, Path | None]:
     return RunDir(path).create(), temp
 
 
-def run_bench(options: BenchOptions, say: Callable[[str], None] = lambda s: None) -> list[dict]:
-    """Run the whole benchmark; rows as `packrat bench --json` prints them. TorchServe is
-    stopped on the way out, whatever happens."""
+def run_bench(options: BenchOptions, say: Callable[[str], None] = lambda s: None) -> list[Row]:
+    """Run the whole benchmark; its rows (`Row.to_json()` is what `packrat bench --json`
+    prints). TorchServe is stopped on the way out, whatever happens."""
     from packrat.measure.cpus import usable_cores
-    from packrat.torchserve import (
-        Ports,
-        ServerSettings,
-        TorchServeClient,
-        start_server,
-        stop_server,
-    )
+    from packrat.torchserve import ServerSettings, TorchServeClient, stop_server
 
     if options.rounds < 1:
         raise PackratError(f"--rounds must be >= 1, got {options.rounds}")
@@ -394,26 +274,20 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = lambda s: None
         f"run directory {run.path}")
     server = None
     bench = None
-    rows: list[dict] = []
+    rows: list[Row] = []
     try:
-        models = [_prepare_model(name, options, cores, run, say) for name in options.models]
+        models = [prepare_model(name, out, cores, run, say,
+                                max_batch=max(options.max_batch or 0, max(options.batches)),
+                                largest_b=max(options.batches), quiet_wait_s=options.quiet_wait_s)
+                  for name in options.models]
         queue = max(100, 2 * len(cores) * max(options.batches))  # warm-up sends i x b at once
-        settings = ServerSettings(
-            workdir=run.torchserve, model_store=run.model_store, ports=Ports.free(),
-            env=((RUN_DIR_ENV, str(run.path)),),
-            properties=(("job_queue_size", str(queue)),),
-        )
-        try:
-            server = start_server(settings)
-        except TorchServeError as e:
-            if "bind" not in str(e).lower() and "address already in use" not in str(e).lower():
-                raise
-            settings = replace(settings, ports=Ports.free())  # a port was taken meanwhile
-            server = start_server(settings)
+        settings, server = _start_on_free_ports(lambda ports: ServerSettings(
+            workdir=run.torchserve, model_store=run.model_store, ports=ports,
+            properties=(("job_queue_size", str(queue)),)))
         client = TorchServeClient(settings, timeout_s=60)
         bench = _Bench(options, run, client, cores, say, started)
-        say(f"{bench.elapsed()} TorchServe up (pid {server.frontend_pid}), inference port "
-            f"{settings.ports.inference}")
+        bench.tell(f"TorchServe up (pid {server.frontend_pid}), inference port "
+                   f"{settings.ports.inference}")
         for m in models:
             if options.calibrate:
                 bench.calibrate(m)
@@ -429,13 +303,47 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = lambda s: None
         if temp is not None:
             shutil.rmtree(temp, ignore_errors=True)
     if bench is not None:
-        say(f"{bench.elapsed()} done")
+        bench.tell("done")
     return rows
 
 
-def write_results(rows: list[dict], out: Path) -> Path:
+def _start_on_free_ports(settings_for):
+    """(settings, server): TorchServe started on free ports.
+
+    Ports.free() finds five free ports but cannot hold them while TorchServe's JVM starts and
+    binds them, seconds later; a process that takes one meanwhile makes the start fail. Rather
+    than guess that from the wording of TorchServe's error, ask the machine: after a failed
+    start (start_server leaves none of its processes behind) a chosen port that another socket
+    listens on or connects from was taken, and one more start on fresh ports is the remedy.
+    Any other failure is raised as it is.
+    """
+    from packrat.torchserve import Ports, start_server
+
+    settings = settings_for(Ports.free())
+    try:
+        return settings, start_server(settings)
+    except TorchServeError:
+        taken = _ports_in_use(settings.ports)
+        if not taken:
+            raise
+        log.info("ports %s were taken while TorchServe started; starting on fresh ports", taken)
+    settings = settings_for(Ports.free())
+    return settings, start_server(settings)
+
+
+def _ports_in_use(ports) -> list[int]:
+    """Those of ports that a socket on this machine listens on or connects from."""
+    import psutil
+
+    active = {psutil.CONN_LISTEN, psutil.CONN_ESTABLISHED, psutil.CONN_SYN_SENT,
+              psutil.CONN_SYN_RECV, psutil.CONN_CLOSE_WAIT}  # not a closed server's leftovers
+    ours = set(ports.as_dict().values())
+    return sorted({c.laddr.port for c in psutil.net_connections("inet")
+                   if c.laddr and c.laddr.port in ours and c.status in active})
+
+
+def write_results(rows: list[Row], out: Path) -> Path:
+    """OUT/bench.json, written atomically."""
     path = Path(out) / "bench.json"
-    tmp = path.with_name(".bench.json.tmp")
-    tmp.write_text(json.dumps(rows, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(path, [r.to_json() for r in rows])
     return path

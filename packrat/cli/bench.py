@@ -89,7 +89,7 @@ def cmd_bench(args) -> int:
             signal.signal(signal.SIGTERM, old)
     path = write_results(rows, options.out)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps([r.to_json() for r in rows], indent=2))
     else:
         print(render_text(rows), end="")
         print(f"results: {path}")

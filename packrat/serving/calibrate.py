@@ -14,26 +14,31 @@ scaled by that ratio, interpolated in log2(b) between the two (the overhead is n
 factor: measured 1.15 at b = 1 and 1.22 at b = 8 for that 2-thread instance). Seconds per
 thread count; cached.
 
-The data and the scaling are pure (`packrat.core.calibration`); `calibrate` talks to TorchServe.
+The data and the scaling are pure (`packrat.core.calibration`); `calibrate` talks to TorchServe;
+`calibrated_profile` is the whole flow `packrat serve` and `packrat bench` share: the cached
+calibration, else one measured (again while other processes disturb it) and cached, and the
+optimizer of the scaled profile.
 """
 
 from __future__ import annotations
 
-import json
 import statistics
-import threading
-import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 from packrat.core.calibration import (
     Calibration,
     CalibrationPoint,
     calibration_batch,
     default_target,
+    scale_profile,
 )
-from packrat.core.profile import Profile
+from packrat.core.optimizer import Optimizer
+from packrat.core.profile import Profile, read_profile
 from packrat.errors import PackratError
+from packrat.measure.foreign import ATTEMPTS, ForeignCpu, least_disturbed
+from packrat.serving.rundir import read_json, write_json
 
 
 def version_numbers(holder) -> Iterator[str]:
@@ -50,14 +55,67 @@ def calibration_path(profile_path: Path, cores: int, max_batch_delay_ms: int, ta
 
 
 def load_calibration(path: Path) -> Calibration | None:
+    """None if missing or corrupt (then it is measured again)."""
+    data = read_json(path)
     try:
-        return Calibration.from_json(json.loads(Path(path).read_text()))
-    except (OSError, ValueError, KeyError, TypeError):
+        return None if data is None else Calibration.from_json(data)
+    except (ValueError, KeyError, TypeError):
         return None
 
 
 def save_calibration(calibration: Calibration, path: Path) -> None:
-    Path(path).write_text(json.dumps(calibration.to_json(), indent=2) + "\n")
+    write_json(Path(path), calibration.to_json())
+
+
+@dataclass(frozen=True)
+class CalibratedProfile:
+    calibration: Calibration
+    path: Path           # where it is cached
+    cached: bool         # True: read from path; False: measured now (and saved there)
+    optimizer: Optimizer  # of the profile scaled by the calibration, for N cores
+
+
+def cached_calibration(profile_path: Path, cores: int, max_batch_delay_ms: int
+                       ) -> CalibratedProfile | None:
+    """The calibration cached for this profile, N cores and batching delay; None if none is."""
+    path = calibration_path(profile_path, cores, max_batch_delay_ms, default_target(cores))
+    cal = load_calibration(path)
+    if cal is None:
+        return None
+    return CalibratedProfile(cal, path, True,
+                             Optimizer(scale_profile(read_profile(profile_path), cal), cores))
+
+
+def calibrated_profile(run, client, base_dir: Path, name: str, profile_path: Path,
+                       cores: tuple[int, ...], body: bytes, versions: Iterator[str], *,
+                       max_batch_delay_ms: int, say: Callable[[str], None] = lambda s: None,
+                       watch: ForeignCpu | None = None, attempts: int = ATTEMPTS,
+                       quiet_wait_s: float = 0.0) -> CalibratedProfile:
+    """The cached calibration of the profile at profile_path, else one measured through
+    TorchServe (`calibrate`) and saved. With a watch, each try first waits up to quiet_wait_s
+    for a quiet machine, and a calibration other processes disturbed is measured again (at
+    most `attempts` tries; the least disturbed is kept). Raises PackratError if it fails."""
+    found = cached_calibration(profile_path, len(cores), max_batch_delay_ms)
+    if found is not None:
+        return found
+    path = calibration_path(profile_path, len(cores), max_batch_delay_ms,
+                            default_target(len(cores)))
+    profile = read_profile(profile_path)
+
+    def measure() -> Calibration:
+        return calibrate(run, client, base_dir, name, profile, cores, body, versions,
+                         max_batch_delay_ms=max_batch_delay_ms, say=say, watch=watch)
+
+    if watch is None:
+        cal = measure()
+    else:
+        # read over each measurement only: workers that started and stopped between them are
+        # ours but gone, and would count as foreign over the whole span
+        cal = least_disturbed(measure, lambda c: max((p.foreign_cores for p in c.points),
+                                                     default=0.0),
+                              watch, say, f"calibrating {name}", quiet_wait_s, attempts)
+    save_calibration(cal, path)
+    return CalibratedProfile(cal, path, False, Optimizer(scale_profile(profile, cal), len(cores)))
 
 
 def calibrate(run, client, base_dir: Path, name: str, profile: Profile, cores: tuple[int, ...],
@@ -66,10 +124,9 @@ def calibrate(run, client, base_dir: Path, name: str, profile: Profile, cores: t
               say: Callable[[str], None] = lambda s: None, watch=None) -> Calibration:
     """Serve each thread count's plan through TorchServe, measure it, delete it. target:
     the total batch the plans are sized for (default max(8, N)). watch: an object with
-    start() and cores() (packrat.bench.ForeignCpu) read over each measurement."""
-    from packrat.core.optimizer import Optimizer
+    start() and cores() (packrat.measure.foreign.ForeignCpu) read over each measurement."""
     from packrat.core.policy import manual_plan
-    from packrat.serving.controller import deploy_version, remove_version_files
+    from packrat.serving.versions import deploy_version
 
     opt = Optimizer(profile, len(cores))
     target = target or default_target(len(cores))
@@ -93,11 +150,7 @@ def calibrate(run, client, base_dir: Path, name: str, profile: Profile, cores: t
                                               max(min_seconds, min_batches * profiled / 1000),
                                               profiled, watch)
         finally:
-            try:
-                if any(v.version == version for v in client.versions(name)):
-                    client.unregister(name, version)
-            finally:
-                remove_version_files(run, name, version)
+            _retire(run, client, name, version)
         point = CalibrationPoint(threads, instances, batch, round(profiled, 3), round(served, 3),
                                  round(foreign, 3))
         say(f"{name}: {plan.describe()} served in {served:.1f} ms, profiled {profiled:.1f} "
@@ -106,40 +159,31 @@ def calibrate(run, client, base_dir: Path, name: str, profile: Profile, cores: t
     return Calibration(tuple(points))
 
 
+def _retire(run, client, name: str, version: str) -> None:
+    """Unregister the version if TorchServe has it, and remove its files."""
+    from packrat.serving.versions import remove_version_files
+
+    try:
+        if any(v.version == version for v in client.versions(name)):
+            client.unregister(name, version)
+    finally:
+        remove_version_files(run, name, version)
+
+
 def _served_latency(client, name: str, version: str, body: bytes, clients: int,
                     seconds: float, profiled_ms: float, watch=None) -> tuple[float, float]:
     """Median request latency of the version under `clients` closed-loop clients, and the
     foreign CPU (cores) meanwhile if watched."""
-    from packrat.measure.loadgen import ClosedLoop
+    from packrat.measure.loadgen import measure_closed_loop
 
     timeout = max(60.0, 20 * profiled_ms / 1000)
-    samples: list[float] = []
-    lock = threading.Lock()
-    measuring = threading.Event()
-
-    def send():
-        counted = measuring.is_set()  # only requests sent once the clients are in step
-        a = time.perf_counter()
-        r = client.predict(name, body, version=version, timeout_s=timeout)
-        if r.status_code == 200 and counted:
-            with lock:
-                samples.append((time.perf_counter() - a) * 1000)
-        return r
-
-    load = ClosedLoop(send, timeout_s=timeout)
-    load.set_concurrency(clients)
-    try:
-        time.sleep(2 * profiled_ms / 1000 + 0.2)  # the clients fall into step
-        measuring.set()
-        if watch is not None:
-            watch.start()
-        time.sleep(seconds)
-        foreign = watch.cores() if watch is not None else 0.0
-    finally:
-        result = load.stop()
-    lost = len(result.failures) + len(result.unanswered)
-    if lost or not samples:
-        first = (result.failures + result.unanswered + ["no answer"])[0]
-        raise PackratError(f"{name}: calibration requests failed ({lost} lost, e.g. {first}); "
+    m = measure_closed_loop(
+        lambda: client.predict(name, body, version=version, timeout_s=timeout), clients,
+        warmup_s=2 * profiled_ms / 1000 + 0.2,  # the clients fall into step
+        seconds=seconds, timeout_s=timeout, watch=watch)
+    latencies = m.latencies_ms()
+    if m.lost or not latencies:
+        first = (m.failures + m.unanswered + ("no answer",))[0]
+        raise PackratError(f"{name}: calibration requests failed ({m.lost} lost, e.g. {first}); "
                            "serve with --no-calibrate to skip calibration")
-    return statistics.median(samples), foreign
+    return statistics.median(latencies), m.foreign_cores
