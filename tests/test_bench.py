@@ -6,9 +6,11 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import requests
@@ -27,6 +29,7 @@ from packrat.bench.configs import (
 from packrat.core.optimizer import Optimizer
 from packrat.core.policy import plan_for_batch
 from packrat.core.profile import Profile, ProfilePoint
+from packrat.errors import TorchServeError
 from packrat.measure.loadgen import measure_closed_loop
 from packrat.serving.rundir import RunDir
 from packrat.torchserve import server_processes, torchserve_command
@@ -143,6 +146,39 @@ def test_measure_closed_loop_accounts_for_every_request():
     assert watch.started <= m.start < m.end and m.foreign_cores == 0.5
     window = m.latencies_ms()  # sent in the window only, not during the warm-up
     assert 0 < len(window) < len(m.samples) and all(ms >= 2.0 for ms in window)
+
+
+def test_start_tries_fresh_ports_only_when_one_was_taken(monkeypatch):
+    import packrat.torchserve as ts
+    from packrat.bench.runner import _start_on_free_ports
+
+    starts = []
+
+    def start_server(settings):
+        starts.append(settings.ports)
+        if len(starts) == 1:
+            raise TorchServeError("TorchServe exited with status 1 while starting")
+        return "server"
+
+    monkeypatch.setattr(ts, "start_server", start_server)
+    with pytest.raises(TorchServeError):  # nothing holds its ports: the failure is TorchServe's
+        _start_on_free_ports(lambda ports: SimpleNamespace(ports=ports))
+    assert len(starts) == 1
+
+    starts.clear()
+    free, taker = ts.Ports.free, socket.socket()
+
+    def taken_meanwhile():
+        ports = free()
+        if taker.getsockname()[1] == 0:  # another process takes one of the first five
+            taker.bind(("127.0.0.1", ports.management))
+            taker.listen()
+        return ports
+
+    monkeypatch.setattr(ts.Ports, "free", staticmethod(taken_meanwhile))
+    with taker:
+        settings, server = _start_on_free_ports(lambda ports: SimpleNamespace(ports=ports))
+    assert server == "server" and len(starts) == 2 and settings.ports == starts[1] != starts[0]
 
 
 ROW_KEYS = {"model", "batch", "packrat", "baseline", "torchserve_default", "oracle", "ideal_ms",
