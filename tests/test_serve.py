@@ -17,6 +17,10 @@ def test_manual_switches_under_load_lose_nothing(served):
     proc, run, example = served
     first = status(run)["models"]["small-cnn"]
     assert_pinned(first, 1, 2)  # the plan for B = 1
+    # manual mode first: the controller must not switch by itself under the load below
+    held = packrat("reconfigure", "--run-dir", run, "--model", "small-cnn", "--instances", 1,
+                   "--threads", 2, "--batch", 1)
+    assert held.returncode == 0 and "already serves" in held.stdout + held.stderr, held.stderr
     load = load_for(run, example)
     load.set_concurrency(4)
     wait_answered(load, 20)  # the load is on before the first switch

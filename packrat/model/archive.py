@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -122,8 +123,11 @@ def build_zoo_archive(
             "--force",
         ]  # fmt: skip
         try:
+            # The archiver stages files in $TMPDIR/<model name>: two builds of one model at
+            # once would collide there, so each gets its own.
             proc = subprocess.run(
-                cmd, cwd=staging, capture_output=True, text=True, timeout=ARCHIVER_TIMEOUT_S
+                cmd, cwd=staging, capture_output=True, text=True, timeout=ARCHIVER_TIMEOUT_S,
+                env={**os.environ, "TMPDIR": str(staging)},
             )
         except subprocess.TimeoutExpired:
             raise ArchiveError(

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 
+from packrat.core.decide import Reason
 from packrat.core.optimizer import Optimizer
 from packrat.core.policy import plan_for_batch
 from packrat.core.profile import read_profile
@@ -27,19 +28,19 @@ from packrat.model.archive import extract_archive
 from packrat.model.loader import load_model
 from packrat.model.spec import ModelSpec
 from packrat.model.wire import encode_example
-from packrat.core.calibration import default_target, scale_profile
 from packrat.serving.calibrate import (
-    calibrate, calibration_path, load_calibration, save_calibration, version_numbers,
+    cached_calibration,
+    calibrated_profile,
+    version_numbers,
 )
-from packrat.core.decide import Reason
 from packrat.serving.controller import Controller, ControllerParams, ModelRuntime
-from packrat.serving.switch import Retire, drive
 from packrat.serving.rundir import (
     ControllerLock,
     RunDir,
     check_model_name,
     read_json,
 )
+from packrat.serving.switch import Retire, drive
 from packrat.torchserve import (
     Ports,
     ServerSettings,
@@ -204,25 +205,22 @@ def _calibrate(controller: Controller, m: ModelRuntime, origin: ServerOrigin, sa
     profile). A restarted controller adopting a serving TorchServe uses a cached calibration
     only: measuring would compete with the live traffic."""
     delay = controller.params.max_batch_delay_ms
-    path = calibration_path(m.profile_path, len(m.cores), delay, default_target(len(m.cores)))
-    calibration = load_calibration(path)
-    if calibration is None and origin is ServerOrigin.ADOPTED:
-        say(f"{m.name}: no cached calibration; planning with the profile as measured")
-        return
-    profile = read_profile(m.profile_path)
-    if calibration is None:
+    if origin is ServerOrigin.ADOPTED:
+        found = cached_calibration(m.profile_path, len(m.cores), delay)
+        if found is None:
+            say(f"{m.name}: no cached calibration; planning with the profile as measured")
+            return
+    else:
         try:
-            calibration = calibrate(controller.run, controller.client, m.base_dir, m.name,
-                                    profile, m.cores, m.warm_body,
-                                    version_numbers(m),
-                                    max_batch_delay_ms=delay, say=say)
+            found = calibrated_profile(controller.run, controller.client, m.base_dir, m.name,
+                                       m.profile_path, m.cores, m.warm_body, version_numbers(m),
+                                       max_batch_delay_ms=delay, say=say)
         except PackratError as e:  # serving matters more than a better plan
             say(f"{m.name}: calibration failed ({e}); planning with the profile as measured")
             return
-        save_calibration(calibration, path)
-    m.optimizer = Optimizer(scale_profile(profile, calibration), len(m.cores))
-    m.calibration = calibration.describe()
-    say(f"{m.name}: calibrated profile ({m.calibration}; {path})")
+    m.optimizer = found.optimizer
+    m.calibration = found.calibration.describe()
+    say(f"{m.name}: calibrated profile ({m.calibration}; {found.path})")
 
 
 def _adopt_or_start(controller: Controller, m: ModelRuntime, batch: int, say) -> None:
