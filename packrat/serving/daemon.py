@@ -8,7 +8,6 @@ each model with the plan for B = 1, then runs the control loop until SIGINT or S
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -18,26 +17,19 @@ from enum import Enum
 from pathlib import Path
 
 from packrat.core.decide import Reason
-from packrat.core.optimizer import Optimizer
 from packrat.core.policy import plan_for_batch
-from packrat.core.profile import read_profile
 from packrat.errors import PackratError
 from packrat.measure.cpus import usable_cores
-from packrat.measure.profiler import ProfileSettings, default_threads, profile_archive
-from packrat.model.archive import extract_archive
-from packrat.model.loader import load_model
-from packrat.model.spec import ModelSpec
-from packrat.model.wire import encode_example
 from packrat.serving.calibrate import (
     cached_calibration,
     calibrated_profile,
     version_numbers,
 )
 from packrat.serving.controller import Controller, ControllerParams, ModelRuntime
+from packrat.serving.prepare import prepare_model
 from packrat.serving.rundir import (
     ControllerLock,
     RunDir,
-    check_model_name,
     read_json,
 )
 from packrat.serving.switch import Retire, drive
@@ -165,39 +157,11 @@ def _serve(options: ServeOptions, say) -> None:
 
 
 def _prepare_model(run: RunDir, src: ModelSource, cores, options: ServeOptions, say) -> ModelRuntime:
-    name = check_model_name(src.name)
-    if not Path(src.archive).exists():
-        raise PackratError(f"model {name}: archive {src.archive} does not exist")
-    base = extract_archive(Path(src.archive), run.path / "archives" / name)
-    if src.profile is not None:
-        profile = read_profile(src.profile)
-        say(f"{name}: profile {src.profile}")
-        # the profiler would have loaded it: find bad weights or model code before TorchServe
-        # does, where all it says is "Failed to start workers"
-        try:
-            load_model(base)
-        except PackratError:
-            raise
-        except Exception as e:
-            raise PackratError(f"model {name}: {src.archive} does not load ({type(e).__name__}: "
-                               f"{' '.join(str(e).split())[:300]})") from None
-    else:
-        settings = ProfileSettings(threads=default_threads(len(cores)), max_batch=options.max_batch)
-
-        def progress(ev):
-            if ev.kind in ("point", "cached"):
-                say(f"{name}: profiling {ev.done}/{ev.total}" + (
-                    f" t={ev.threads} b={ev.batch} {ev.latency_ms:.1f} ms" if ev.kind == "point" else " (cached)"))
-
-        result = profile_archive(Path(src.archive), settings, progress=progress)
-        profile = result.profile
-    opt = Optimizer(profile, len(cores))
-    if options.initial_batch > opt.max_servable:
-        raise PackratError(f"--initial-batch {options.initial_batch}: the profile of {name} serves "
-                           f"at most B = {opt.max_servable} on {len(cores)} cores")
-    return ModelRuntime(name=name, base_dir=base, optimizer=opt, cores=tuple(cores),
-                        warm_body=json.dumps(encode_example(ModelSpec.load(base))).encode(),
-                        profile_path=None if src.profile is not None else result.path)
+    p = prepare_model(run, src.name, src.archive, cores, max_batch=options.max_batch,
+                      largest_b=options.initial_batch, say=say, profile_csv=src.profile,
+                      what_b="--initial-batch")
+    return ModelRuntime(name=p.name, base_dir=p.base_dir, optimizer=p.optimizer,
+                        cores=tuple(cores), warm_body=p.warm_body, profile_path=p.profile_path)
 
 
 def _calibrate(controller: Controller, m: ModelRuntime, origin: ServerOrigin, say) -> None:
