@@ -10,7 +10,6 @@ import pytest
 from packrat.core.decide import Reason, SwitchTo
 from packrat.core.drain import Drain, observe_drain, start_drain
 from packrat.core.optimizer import Optimizer
-from packrat.core.plan import ServedPlan
 from packrat.core.policy import manual_plan
 from packrat.core.profile import Profile, ProfilePoint
 from packrat.errors import PackratError, TorchServeError
@@ -126,8 +125,9 @@ def world(tmp_path, monkeypatch):
     monkeypatch.setattr(switch_module, "prepare_version",
                         lambda run, base, name, version, plan: f"{name}-v{version}")
     monkeypatch.setattr(switch_module, "check_workers",
-                        lambda run, client, name, version, plan, n: WorkerCheck(
-                            name, version, n, n, n, version in ts.versions_.get(name, {})))
+                        lambda run, client, name, version, plan: WorkerCheck(
+                            name, version, plan.instances, plan.instances, plan.instances,
+                            version in ts.versions_.get(name, {})))
     monkeypatch.setattr(switch_module, "warm_version", lambda *a, **k: None)
     return clock, ts
 

@@ -18,7 +18,7 @@ from packrat.model.archive import (
     build_zoo_archive,
     extract_archive,
 )
-from packrat.errors import ArchiveError, PackratError
+from packrat.errors import ArchiveError
 from packrat.model.wire import decode_request, synthetic_batch
 from packrat.model.loader import load_model
 from packrat.model.zoo import ZOO, build_model, get_zoo_model

@@ -108,20 +108,20 @@ class _Bench:
     # -- versions
 
     def register(self, m: BenchModel, cfg: Config, batch: int) -> _Version:
+        from packrat.core.plan import Unpinned
         from packrat.core.policy import manual_plan
         from packrat.serving.versions import deploy_version
 
         version = str(m.next_version)
         m.next_version += 1
-        plan = None
+        layout = Unpinned(cfg.instances, cfg.batch_size)
         if cfg.pinned:
             plan = manual_plan(m.opt, m.name, version, cfg.instances, cfg.threads,
                                cfg.batch_size, self.cores)
-            plan = replace(plan, predicted_ms=predicted_ms(m.opt, cfg, batch), for_batch=batch)
+            layout = replace(plan, predicted_ms=predicted_ms(m.opt, cfg, batch), for_batch=batch)
         est = estimated_ms(m.opt, cfg, batch)
         self.tell(f"{m.name} B={batch}: registering {cfg.describe()} as version {version}")
-        deploy_version(self.run, self.client, m.base_dir, m.name, version, plan,
-                       instances=cfg.instances, batch_size=cfg.batch_size,
+        deploy_version(self.run, self.client, m.base_dir, m.name, version, layout,
                        max_batch_delay_ms=self.options.max_batch_delay_ms, warm_body=m.body,
                        response_timeout_s=max(120, int(20 * est / 1000)))
         return _Version(cfg, version)

@@ -54,3 +54,19 @@ def slots_for(threads: int, instances: int, cores: tuple[int, ...]) -> tuple[tup
             f"only {len(cores)} are available ({','.join(map(str, cores))})"
         )
     return tuple(tuple(cores[k * threads:(k + 1) * threads]) for k in range(instances))
+
+
+@dataclass(frozen=True)
+class Unpinned:
+    """TorchServe's default configuration (what `packrat bench` compares against): workers
+    that pin nothing and keep torch's default threads."""
+
+    instances: int
+    batch_size: int
+
+    def describe(self) -> str:
+        return describe(self.instances, None, self.batch_size)
+
+
+# How a version's workers run: pinned to a plan's slots, or as TorchServe starts them.
+Layout = ServedPlan | Unpinned

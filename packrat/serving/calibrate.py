@@ -126,7 +126,7 @@ def calibrate(run, client, base_dir: Path, name: str, profile: Profile, cores: t
     the total batch the plans are sized for (default max(8, N)). watch: an object with
     start() and cores() (packrat.measure.foreign.ForeignCpu) read over each measurement."""
     from packrat.core.policy import manual_plan
-    from packrat.serving.versions import deploy_version
+    from packrat.serving.versions import deploy_version, retire_version
 
     opt = Optimizer(profile, len(cores))
     target = target or default_target(len(cores))
@@ -143,31 +143,20 @@ def calibrate(run, client, base_dir: Path, name: str, profile: Profile, cores: t
         plan = manual_plan(opt, name, version, instances, threads, batch, cores)
         say(f"{name}: calibrating {plan.describe()} through TorchServe (profiled {profiled:.1f} ms)")
         try:
-            deploy_version(run, client, base_dir, name, version, plan, instances=instances,
-                           batch_size=batch, max_batch_delay_ms=max_batch_delay_ms,
-                           warm_body=body, response_timeout_s=max(120, int(20 * profiled / 1000)))
+            deploy_version(run, client, base_dir, name, version, plan,
+                           max_batch_delay_ms=max_batch_delay_ms, warm_body=body,
+                           response_timeout_s=max(120, int(20 * profiled / 1000)))
             served, foreign = _served_latency(client, name, version, body, instances * batch,
                                               max(min_seconds, min_batches * profiled / 1000),
                                               profiled, watch)
         finally:
-            _retire(run, client, name, version)
+            retire_version(run, client, name, version)
         point = CalibrationPoint(threads, instances, batch, round(profiled, 3), round(served, 3),
                                  round(foreign, 3))
         say(f"{name}: {plan.describe()} served in {served:.1f} ms, profiled {profiled:.1f} "
             f"(x{point.scale:.2f})")
         points.append(point)
     return Calibration(tuple(points))
-
-
-def _retire(run, client, name: str, version: str) -> None:
-    """Unregister the version if TorchServe has it, and remove its files."""
-    from packrat.serving.versions import remove_version_files
-
-    try:
-        if any(v.version == version for v in client.versions(name)):
-            client.unregister(name, version)
-    finally:
-        remove_version_files(run, name, version)
 
 
 def _served_latency(client, name: str, version: str, body: bytes, clients: int,

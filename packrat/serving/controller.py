@@ -27,7 +27,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from packrat.core.decide import (
-    Action, Answer, ModelView, Note, Reason, Reconfigure, SetAuto, SetManual, SwitchTo, decide,
+    Action,
+    Answer,
+    ModelView,
+    Note,
+    Reason,
+    Reconfigure,
+    SetAuto,
+    SetManual,
+    SwitchTo,
+    decide,
     decide_request,
 )
 from packrat.core.estimator import EstimatorParams, EstimatorState, Sample, observe

@@ -33,7 +33,11 @@ from packrat.core.plan import ServedPlan
 from packrat.errors import PackratError, TorchServeError
 from packrat.serving.rundir import RunDir
 from packrat.serving.versions import (
-    WORKERS_TIMEOUT_S, check_workers, prepare_version, remove_version_files, retire_version,
+    WORKERS_TIMEOUT_S,
+    check_workers,
+    prepare_version,
+    remove_version_files,
+    retire_version,
     warm_version,
 )
 from packrat.torchserve import TorchServeClient, worker_cpu_seconds
@@ -174,8 +178,7 @@ class Switch(Task):
             self.phase = Phase.STARTING
             deadline = ctx.clock() + WORKERS_TIMEOUT_S
             while not (check := (yield from self._call(
-                    check_workers, ctx.run, ctx.client, name, plan.version, plan,
-                    plan.instances))).ready:
+                    check_workers, ctx.run, ctx.client, name, plan.version, plan))).ready:
                 if ctx.clock() > deadline:
                     raise check.timeout_error(ctx.run)
                 yield from self._pause(s.poll_s)

@@ -15,39 +15,36 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from packrat.core.plan import ServedPlan
+from packrat.core.plan import Layout, ServedPlan
 from packrat.errors import PackratError
 from packrat.model.spec import HANDLER_FILE, HANDLER_PACKAGE, WORKER_FILE
 from packrat.serving.rundir import RunDir, write_json
 from packrat.torchserve import TorchServeClient, make_version_dir
 
-
 WORKERS_TIMEOUT_S = 30.0  # from a READY registration to every worker pinned on its slot
 
 
 def deploy_version(run: RunDir, client: TorchServeClient, base_dir: Path, name: str,
-                   version: str, plan: ServedPlan | None, *, instances: int, batch_size: int,
-                   max_batch_delay_ms: int, warm_body: bytes, response_timeout_s: int = 120,
-                   sleep: Callable[[float], None] = time.sleep,
+                   version: str, layout: Layout, *, max_batch_delay_ms: int, warm_body: bytes,
+                   response_timeout_s: int = 120, sleep: Callable[[float], None] = time.sleep,
                    clock: Callable[[], float] = time.monotonic) -> None:
     """Prepare, register, check and warm a version, blocking until it is ready to be the
-    default (it does not become it). plan None: TorchServe's default (workers unpinned). The
-    caller cleans up a failure (retire_version). The controller runs the same steps one at a
-    time without blocking (packrat.serving.switch)."""
-    url = prepare_version(run, base_dir, name, version, plan)
-    client.register(url, model_name=name, batch_size=batch_size,
-                    max_batch_delay_ms=max_batch_delay_ms, initial_workers=instances,
+    default (it does not become it). The caller cleans up a failure (retire_version). The
+    controller runs the same steps one at a time without blocking (packrat.serving.switch)."""
+    url = prepare_version(run, base_dir, name, version, layout)
+    client.register(url, model_name=name, batch_size=layout.batch_size,
+                    max_batch_delay_ms=max_batch_delay_ms, initial_workers=layout.instances,
                     response_timeout_s=response_timeout_s)
     deadline = clock() + WORKERS_TIMEOUT_S
-    while not (check := check_workers(run, client, name, version, plan, instances)).ready:
+    while not (check := check_workers(run, client, name, version, layout)).ready:
         if clock() > deadline:
             raise check.timeout_error(run)
         sleep(0.1)
-    warm_version(client, name, version, instances * batch_size, warm_body)
+    warm_version(client, name, version, layout.instances * layout.batch_size, warm_body)
 
 
 def prepare_version(run: RunDir, base_dir: Path, name: str, version: str,
-                    plan: ServedPlan | None) -> str:
+                    layout: Layout) -> str:
     """Make the version's directory in the model store, with this Packrat's handler and (for
     a pinned version) its plan and slot directory; return the url to register."""
     remove_version_files(run, name, version)  # a leftover of an interrupted switch
@@ -60,10 +57,10 @@ def prepare_version(run: RunDir, base_dir: Path, name: str, version: str,
         target.unlink(missing_ok=True)  # a hard link: never write through to the base
         with resources.as_file(resources.files(HANDLER_PACKAGE) / HANDLER_FILE) as src:
             shutil.copyfile(src, target)
-    if plan is not None:
+    if isinstance(layout, ServedPlan):
         # before the workers start: each reads it from its model directory to claim a slot
-        run.write_plan(plan)
-        write_json(dest / WORKER_FILE, {"plan": plan.to_json(),
+        run.write_plan(layout)
+        write_json(dest / WORKER_FILE, {"plan": layout.to_json(),
                                         "slot_dir": str(run.slot_dir(name, version))})
     return url
 
@@ -84,14 +81,16 @@ class WorkerCheck:
 
 
 def check_workers(run: RunDir, client: TorchServeClient, name: str, version: str,
-                  plan: ServedPlan | None, instances: int) -> WorkerCheck:
+                  layout: Layout) -> WorkerCheck:
     """Is every worker up, and does a pinned one hold a slot and run on that slot's cores
     only? Raises PackratError if a worker runs elsewhere."""
     info = [v for v in client.versions(name) if v.version == version]
     pids = {w.pid for v in info for w in v.workers if w.pid}
-    slots = run.slot_pids(name, version) if plan is not None else {}
+    pinned = isinstance(layout, ServedPlan)
+    instances = layout.instances
+    slots = run.slot_pids(name, version) if pinned else {}
     ready = len(pids) >= instances and (
-        plan is None or (len(slots) >= instances and set(slots.values()) >= pids))
+        not pinned or (len(slots) >= instances and set(slots.values()) >= pids))
     if ready:
         for k, pid in slots.items():
             try:
@@ -99,9 +98,9 @@ def check_workers(run: RunDir, client: TorchServeClient, name: str, version: str
             except OSError:  # it died meanwhile: look again
                 ready = False
                 break
-            if cores != sorted(plan.slots[k]):
+            if cores != sorted(layout.slots[k]):
                 raise PackratError(f"{name} version {version}: worker {pid} runs on cores "
-                                   f"{cores}, its slot {k} is {list(plan.slots[k])}")
+                                   f"{cores}, its slot {k} is {list(layout.slots[k])}")
     return WorkerCheck(name, version, len(pids), len(slots), instances, ready)
 
 
