@@ -9,7 +9,7 @@ the frontend and the workers at start and end (same plan both times). Exits non-
 request was lost or a version was left behind.
 
     python scripts/soak.py [--zoo small-cnn] [--reconfigurations 50] [--clients 4]
-                           [--out out/soak] [--profile FILE.csv] [--json]
+                           [--cores N] [--out out/soak] [--profile FILE.csv] [--json]
 """
 
 from __future__ import annotations
@@ -98,11 +98,12 @@ def wait_served(run: Path, name: str, proc: subprocess.Popen, timeout_s: float =
 def soak(args) -> SoakReport:
     out = Path(args.out).absolute()
     run = out / "run"
-    cores = len(usable_cores())
+    # serve uses the first `cores` usable cores; the shapes cycled through are of those
+    cores = args.cores if args.cores is not None else len(usable_cores())
     mar = build_zoo_archive(args.zoo, out).mar_path
     body = (out / f"{args.zoo}.example.json").read_bytes()
     cmd = [sys.executable, "-m", "packrat.cli", "serve", "--run-dir", str(run),
-           "--models", f"{args.zoo}={mar}", "--max-batch", "4"]
+           "--models", f"{args.zoo}={mar}", "--max-batch", "4", "--cores", str(cores)]
     if args.profile:
         cmd += ["--profiles", f"{args.zoo}={args.profile}"]
     log = open(out / "serve.log", "w")
@@ -179,12 +180,18 @@ def main() -> int:
     ap.add_argument("--zoo", default="small-cnn", help="zoo model (default small-cnn)")
     ap.add_argument("--reconfigurations", type=int, default=50)
     ap.add_argument("--clients", type=int, default=4, help="closed-loop clients (default 4)")
+    ap.add_argument("--cores", type=int,
+                    help="cores to serve on, passed to `packrat serve --cores`; the plan shapes "
+                         "cycled through are those of these cores (default: all usable)")
     ap.add_argument("--out", default="out/soak", help="archive, run directory, soak.json")
     ap.add_argument("--profile", help="profile CSV to serve with instead of measuring one")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args()
     if args.reconfigurations < 2:
         ap.error("--reconfigurations must be at least 2")
+    usable = len(usable_cores())
+    if args.cores is not None and not 1 <= args.cores <= usable:
+        ap.error(f"--cores {args.cores}: this process may use 1..{usable} cores")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     report = soak(args)
     data = asdict(report)

