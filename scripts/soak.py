@@ -31,6 +31,7 @@ from packrat.model.archive import build_zoo_archive  # noqa: E402
 from packrat.measure.cpus import usable_cores  # noqa: E402
 from packrat.measure.loadgen import ClosedLoop  # noqa: E402
 from packrat.serving.rundir import RunDir  # noqa: E402
+from packrat.core.decide import Reconfigure  # noqa: E402
 from packrat.serving.ops import reconfigure, status  # noqa: E402
 from packrat.torchserve import TorchServeClient, load_settings, server_processes  # noqa: E402
 
@@ -76,9 +77,9 @@ def memory(run: Path) -> Memory:
     st = status(run)
     mb = lambda pid: psutil.Process(pid).memory_info().rss / 2**20  # noqa: E731
     workers = []
-    for m in st["models"].values():
-        workers += [round(mb(i["pid"]), 1) for i in m["plan"]["instances"] if i["pid"]]
-    return Memory(round(mb(st["torchserve_pid"]), 1), tuple(workers))
+    for m in st.models.values():
+        workers += [round(mb(w.pid), 1) for w in m.workers if w.pid]
+    return Memory(round(mb(st.torchserve_pid), 1), tuple(workers))
 
 
 def wait_served(run: Path, name: str, proc: subprocess.Popen, timeout_s: float = 600) -> None:
@@ -87,7 +88,7 @@ def wait_served(run: Path, name: str, proc: subprocess.Popen, timeout_s: float =
         if proc.poll() is not None:
             raise SystemExit(f"packrat serve exited with status {proc.returncode}; see {run / 'packrat.log'}")
         try:
-            if status(run)["models"][name]["version"]:
+            if status(run).models[name].version:
                 return
         except Exception:  # not up yet: no state file, or being written
             pass
@@ -114,8 +115,8 @@ def soak(args) -> SoakReport:
         cycle = shapes(cores)
         first = cycle[0]
         answer = reconfigure(run, _request(args.zoo, first))
-        if not answer.get("ok"):
-            raise SystemExit(f"cannot serve {first}: {answer.get('message')}")
+        if not answer.ok:
+            raise SystemExit(f"cannot serve {first}: {answer.message}")
         client = TorchServeClient(load_settings(RunDir(run).torchserve))
         load = ClosedLoop(lambda: client.predict(args.zoo, body, timeout_s=120), timeout_s=120)
         load.set_concurrency(args.clients)
@@ -130,15 +131,15 @@ def soak(args) -> SoakReport:
         began = time.monotonic()
         for k, shape in enumerate(plan, 1):
             answer = reconfigure(run, _request(args.zoo, shape))
-            if answer.get("ok"):
-                times.append(answer["seconds"])
+            if answer.ok:
+                times.append(answer.seconds)
             else:
                 failed_switches += 1
             if k % 10 == 0:
                 frontend_trace.append(memory(run).frontend_mb)
             r = load.result
             print(f"[{k}/{len(plan)}] {shape[0]}x<t={shape[1]},b={shape[2]}> "
-                  f"{'in %.1f s' % answer['seconds'] if answer.get('ok') else 'FAILED: ' + str(answer.get('message'))}; "
+                  f"{'in %.1f s' % answer.seconds if answer.ok else 'FAILED: ' + answer.message}; "
                   f"{r.answered} answered, {len(r.failures)} failed, {len(r.unanswered)} unanswered",
                   flush=True)
         time.sleep(3)
@@ -170,9 +171,9 @@ def soak(args) -> SoakReport:
             print(f"warning: TorchServe processes {left} still run", file=sys.stderr)
 
 
-def _request(model: str, shape: tuple[int, int, int]) -> dict:
+def _request(model: str, shape: tuple[int, int, int]) -> Reconfigure:
     i, t, b = shape
-    return {"model": model, "instances": i, "threads": t, "batch": b}
+    return Reconfigure(model, instances=i, threads=t, batch=b)
 
 
 def main() -> int:

@@ -3,11 +3,12 @@ finish only when the test says: decisions, the switch state machine, the drain r
 timeout, requests, the frontend watchdog, and two models switching at once."""
 
 from concurrent.futures import Executor, Future
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from packrat.core.decide import Reason, SwitchTo
+from packrat.core.decide import Reason, Reconfigure, SwitchTo
 from packrat.core.drain import Drain, observe_drain, start_drain
 from packrat.core.optimizer import Optimizer
 from packrat.core.policy import manual_plan
@@ -351,3 +352,11 @@ def test_a_switch_in_flight_when_torchserve_dies_is_answered_as_failed(tmp_path,
     c.tick()
     answer = read_json(c.run.requests / "r.result.json")
     assert not answer["ok"] and "TorchServe exited" in answer["message"]
+
+
+def test_a_reconfigure_request_survives_its_file():
+    for r in (Reconfigure("a", auto=True), Reconfigure("a", for_batch=4),
+              Reconfigure("a", instances=2, threads=1, batch=4)):
+        assert Reconfigure.from_json("id1", r.to_json()) == replace(r, id="id1")
+    with pytest.raises(PackratError, match="instances must be an integer"):
+        Reconfigure.from_json("x", {"model": "a", "instances": 1.5})

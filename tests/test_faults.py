@@ -226,8 +226,8 @@ def test_failed_switch_rolls_back_and_loses_nothing(live, fault):
     assert controller.run.read_plan(m.name, target.version) is None
     assert answered.failures == [] and answered.unanswered == [] and answered.answered > 0
     controller.save_state()
-    reported = service_status(controller.run.path)["models"][m.name]
-    assert reported["last_error"] == result.message and reported["version"] == old.version
+    reported = service_status(controller.run.path).models[m.name]
+    assert reported.last_error == result.message and reported.version == old.version
     m.hold_until = 0.0
     # and the next switch works
     again = manual_plan(m.optimizer, m.name, str(m.next_version), 1, 2, 1, m.cores)

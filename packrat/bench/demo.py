@@ -47,6 +47,7 @@ def run_demo(zoo: str, out: Path, phases: list[tuple[int, float]], baseline_s: f
              say=print) -> DemoResult:
     from packrat.measure.loadgen import ClosedLoop
     from packrat.model.archive import build_zoo_archive
+    from packrat.core.decide import Reconfigure
     from packrat.serving.ops import reconfigure, status
     from packrat.serving.rundir import RunDir
     from packrat.torchserve import TorchServeClient, load_settings
@@ -88,40 +89,40 @@ def run_demo(zoo: str, out: Path, phases: list[tuple[int, float]], baseline_s: f
         client = TorchServeClient(load_settings(RunDir(run).torchserve))
         body = example.read_bytes()
         load = ClosedLoop(lambda: client.predict(zoo, body, timeout_s=120), timeout_s=120)
-        cores = len(status(run)["models"][zoo]["plan"]["instances"][0]["planned_cores"])
+        cores = len(status(run).models[zoo].workers[0].planned_cores)
         for clients, seconds in phases:
             say(f"{elapsed()} phase: {clients} concurrent clients for {seconds:.0f} s")
             load.set_concurrency(clients)
             mark = settled = len(load.result.latencies_ms)
-            switches = status(run)["models"][zoo]["reconfigurations"]
+            switches = status(run).models[zoo].reconfigurations
             end = time.monotonic() + seconds
             while time.monotonic() < end:
                 time.sleep(min(5.0, max(0.1, end - time.monotonic())))
-                m = status(run)["models"][zoo]
-                if m["reconfigurations"] != switches:  # count only the plan the phase ends on
-                    switches, settled = m["reconfigurations"], len(load.result.latencies_ms)
+                m = status(run).models[zoo]
+                if m.reconfigurations != switches:  # count only the plan the phase ends on
+                    switches, settled = m.reconfigurations, len(load.result.latencies_ms)
                 window = load.result.latencies_ms[mark:]
-                say(f"{elapsed()}   B estimate {m['estimated_batch']:>3}, serving "
-                    f"{_plan_text(m)}, {m['reconfigurations']} reconfigurations, "
+                say(f"{elapsed()}   B estimate {m.estimated_batch:>3}, serving "
+                    f"{m.describe()}, {m.reconfigurations} reconfigurations, "
                     f"client p50 {_fmt(_p50(window[-200:]))}")
             window = load.result.latencies_ms[settled:] or load.result.latencies_ms[mark:]
             packrat_ms = _p50(window)
-            plan = _plan_text(status(run)["models"][zoo])
+            plan = status(run).models[zoo].describe()
             if plan == describe(1, cores, clients):  # Packrat serves the baseline itself
                 results.append(PhaseResult(clients, plan, packrat_ms, packrat_ms))
                 continue
             say(f"{elapsed()}   baseline for comparison: 1 instance, {cores} threads, batch {clients}")
-            answer = reconfigure(run, {"model": zoo, "instances": 1, "threads": cores, "batch": clients})
-            if not answer.get("ok"):
-                raise PackratError(answer.get("message", "switching to the baseline failed"))
+            answer = reconfigure(run, Reconfigure(zoo, instances=1, threads=cores, batch=clients))
+            if not answer.ok:
+                raise PackratError(answer.message)
             mark = len(load.result.latencies_ms)
             time.sleep(baseline_s)
             window = load.result.latencies_ms[mark:]
             baseline_ms = _p50(window[len(window) // 3:])
             say(f"{elapsed()}   baseline client p50 {_fmt(baseline_ms)}; giving control back")
-            reconfigure(run, {"model": zoo, "auto": True})
+            reconfigure(run, Reconfigure(zoo, auto=True))
             results.append(PhaseResult(clients, plan, packrat_ms, baseline_ms))
-        switches = status(run)["models"][zoo]["reconfigurations"]
+        switches = status(run).models[zoo].reconfigurations
     finally:
         if load is not None:
             load.stop()
@@ -145,9 +146,9 @@ def _serving(run: Path, zoo: str, pid: int) -> bool:
 
     try:
         report = status(run)
-        return bool(report["controller_pid"] == pid and report["torchserve_pid"]
-                    and report["models"][zoo]["version"])
-    except (PackratError, KeyError):
+        return bool(report.controller_pid == pid and report.torchserve_pid
+                    and zoo in report.models and report.models[zoo].version)
+    except PackratError:
         return False
 
 
@@ -158,13 +159,6 @@ def stop_server_of(run: Path) -> None:
     server = find_server(RunDir(run).torchserve)
     if server is not None:
         stop_server(server)
-
-
-def _plan_text(model_status: dict) -> str:
-    inst = model_status["plan"]["instances"]
-    if not inst:
-        return "-"
-    return describe(len(inst), inst[0]['threads'], inst[0]['batch'])
 
 
 def _fmt(ms):

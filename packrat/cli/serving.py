@@ -118,34 +118,34 @@ def cmd_status(args) -> int:
 
     report = status(_run_dir(args))
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(report.to_json(), indent=2))
         return 0
-    if not report["controller_pid"]:
+    if not report.controller_pid:
         print("no packrat controller runs on this run directory; its last state:")
-    print(f"controller pid {report['controller_pid'] or '-'}, TorchServe pid {report['torchserve_pid'] or '-'}"
-          + (f", restarted {report['torchserve_restarts']} times" if report["torchserve_restarts"] else ""))
-    if report["torchserve_event"]:
-        print(f"  {report['torchserve_event']}")
-    for name, m in report["models"].items():
-        last = m["last_reconfiguration_s"]
-        print(f"{name}: version {m['version']}, estimated B = {m['estimated_batch']}, "
-              f"{'auto' if m['auto'] else 'manual'}, {m['reconfigurations']} reconfigurations"
+    print(f"controller pid {report.controller_pid or '-'}, TorchServe pid {report.torchserve_pid or '-'}"
+          + (f", restarted {report.torchserve_restarts} times" if report.torchserve_restarts else ""))
+    if report.torchserve_event:
+        print(f"  {report.torchserve_event}")
+    for name, m in report.models.items():
+        last = m.last_reconfiguration_s
+        print(f"{name}: version {m.version}, estimated B = {m.estimated_batch}, "
+              f"{'auto' if m.auto else 'manual'}, {m.reconfigurations} reconfigurations"
               + (f", last {last:.0f} s ago" if last is not None else ""))
-        plan = m["plan"]
-        if plan["latency_ms"] is not None:
-            print(f"  predicted batch latency {plan['latency_ms']:.1f} ms"
-                  + (f" (profile calibrated: {m['calibration']})" if m.get("calibration") else ""))
-        for i in plan["instances"]:
-            print(f"  worker pid {i['pid'] or '-':>7}: {i['threads']} threads, batch {i['batch']}, "
-                  f"cores {','.join(map(str, i['cores'])) or '-'}")
-        if m.get("switching"):
-            print(f"  switching {m['switching']}")
-        if m.get("last_error"):
-            print(f"  last error: {m['last_error']}")
+        if m.latency_ms is not None:
+            print(f"  predicted batch latency {m.latency_ms:.1f} ms"
+                  + (f" (profile calibrated: {m.calibration})" if m.calibration else ""))
+        for w in m.workers:
+            print(f"  worker pid {w.pid or '-':>7}: {w.threads} threads, batch {w.batch}, "
+                  f"cores {','.join(map(str, w.cores)) or '-'}")
+        if m.switching:
+            print(f"  switching {m.switching}")
+        if m.last_error:
+            print(f"  last error: {m.last_error}")
     return 0
 
 
 def cmd_reconfigure(args) -> int:
+    from packrat.core.decide import Reconfigure
     from packrat.serving.ops import reconfigure
     from packrat.serving.rundir import check_model_name
 
@@ -153,18 +153,18 @@ def cmd_reconfigure(args) -> int:
     for flag in ("instances", "threads", "batch", "for_batch"):
         _at_least(getattr(args, flag), 1, f"--{flag.replace('_', '-')}")
     if args.auto:
-        request = {"model": args.model, "auto": True}
+        request = Reconfigure(args.model, auto=True)
     elif args.for_batch is not None:
-        request = {"model": args.model, "for_batch": args.for_batch}
+        request = Reconfigure(args.model, for_batch=args.for_batch)
     elif None not in (args.instances, args.threads, args.batch):
-        request = {"model": args.model, "instances": args.instances, "threads": args.threads,
-                   "batch": args.batch}
+        request = Reconfigure(args.model, instances=args.instances, threads=args.threads,
+                              batch=args.batch)
     else:
         raise PackratError("give --instances, --threads and --batch together, or --for-batch B, or --auto")
     answer = reconfigure(_run_dir(args), request, timeout_s=args.timeout)
-    if not answer.get("ok"):
-        raise PackratError(answer.get("message", "the switch failed"))
-    print(f"{answer['message']} ({answer.get('seconds', 0):.1f} s)")
+    if not answer.ok:
+        raise PackratError(answer.message)
+    print(f"{answer.message} ({answer.seconds:.1f} s)")
     return 0
 
 

@@ -105,13 +105,23 @@ class Reconfigure:
     """A `packrat reconfigure` request: `auto`, or the plan for `for_batch`, or a manual
     ⟨instances, threads, batch⟩."""
 
-    id: str
     model: str
     auto: bool = False
     for_batch: int | None = None
     instances: int | None = None
     threads: int | None = None
     batch: int | None = None
+    id: str = ""  # the request file's name, given when the controller reads it
+
+    def to_json(self) -> dict:
+        """The request file's content (the id is its name)."""
+        out: dict = {"model": self.model}
+        if self.auto:
+            out["auto"] = True
+        for key in ("for_batch", "instances", "threads", "batch"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
 
     @staticmethod
     def from_json(request_id: str, data: object) -> "Reconfigure":
@@ -127,9 +137,9 @@ class Reconfigure:
                 raise PackratError(f"{key} must be an integer, got {value!r}")
             return value
 
-        return Reconfigure(request_id, str(data.get("model")), bool(data.get("auto")),
+        return Reconfigure(str(data.get("model")), bool(data.get("auto")),
                            integer("for_batch"), integer("instances"), integer("threads"),
-                           integer("batch"))
+                           integer("batch"), id=request_id)
 
 
 def decide_request(models: list[ModelView], request: Reconfigure, now: float,

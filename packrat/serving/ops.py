@@ -7,10 +7,13 @@ import os
 import signal
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
+from packrat.core.decide import Reconfigure
+from packrat.core.plan import ServedPlan, describe
 from packrat.errors import PackratError
 from packrat.serving.rundir import RunDir, controller_pid, read_json, write_json
 from packrat.torchserve import find_server, stop_server
@@ -34,13 +37,22 @@ def stop(run_dir: Path, timeout_s: float = 60) -> str:
     return f"nothing runs on {run.path}"
 
 
-def reconfigure(run_dir: Path, request: dict, timeout_s: float = 600) -> dict:
+@dataclass(frozen=True)
+class ReconfigureAnswer:
+    ok: bool
+    message: str
+    seconds: float
+    plan: ServedPlan | None  # what serves now
+
+
+def reconfigure(run_dir: Path, request: Reconfigure, timeout_s: float = 600) -> ReconfigureAnswer:
+    """Ask the controller of run_dir (its answer comes once a switch has ended)."""
     run = RunDir(run_dir)
     if controller_pid(run) is None:
         raise PackratError(f"no packrat controller runs on {run.path}; start `packrat serve` first")
     rid = uuid.uuid4().hex
     path = run.requests / f"{rid}.json"
-    write_json(path, request)
+    write_json(path, request.to_json())
     result = run.requests / f"{rid}.result.json"
     deadline = time.monotonic() + timeout_s
     while not result.is_file():
@@ -52,20 +64,82 @@ def reconfigure(run_dir: Path, request: dict, timeout_s: float = 600) -> dict:
         time.sleep(0.2)
     answer = read_json(result, {})
     result.unlink(missing_ok=True)
-    return answer
+    try:
+        plan = ServedPlan.from_json(answer["plan"]) if answer.get("plan") else None
+        return ReconfigureAnswer(bool(answer["ok"]), str(answer["message"]),
+                                 float(answer.get("seconds", 0.0)), plan)
+    except (KeyError, TypeError, ValueError) as e:
+        raise PackratError(f"unreadable answer from the controller ({e!r}); see {run.log_file}") from None
 
 
 # -- status ----------------------------------------------------------------------------------
 
-def cpus_allowed(pid: int) -> list[int]:
-    """The cores a process may run on, as it really is ([] if it is gone)."""
+@dataclass(frozen=True)
+class WorkerStatus:
+    threads: int
+    batch: int
+    cores: tuple[int, ...]          # where it runs, as the kernel says
+    planned_cores: tuple[int, ...]  # its slot's cores
+    pid: int | None
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    version: str | None
+    estimated_batch: int
+    auto: bool
+    workers: tuple[WorkerStatus, ...]
+    latency_ms: float | None        # predicted batch latency of the live plan
+    reconfigurations: int
+    last_reconfiguration_s: float | None
+    last_error: str | None
+    calibration: str | None
+    switching: str | None           # a switch under way, and its step
+
+    def describe(self) -> str:
+        """The live plan as <i, t, b>, "-" if none."""
+        w = self.workers
+        return describe(len(w), w[0].threads, w[0].batch) if w else "-"
+
+    def to_json(self) -> dict:
+        return {
+            "version": self.version, "estimated_batch": self.estimated_batch, "auto": self.auto,
+            "plan": {"instances": [{"threads": w.threads, "batch": w.batch,
+                                    "cores": list(w.cores), "planned_cores": list(w.planned_cores),
+                                    "pid": w.pid} for w in self.workers],
+                     "latency_ms": self.latency_ms},
+            "reconfigurations": self.reconfigurations,
+            "last_reconfiguration_s": self.last_reconfiguration_s,
+            "last_error": self.last_error, "calibration": self.calibration,
+            "switching": self.switching,
+        }
+
+
+@dataclass(frozen=True)
+class Status:
+    controller_pid: int | None
+    torchserve_pid: int | None
+    torchserve_restarts: int
+    torchserve_event: str | None
+    models: dict[str, ModelStatus]
+
+    def to_json(self) -> dict:
+        return {"controller_pid": self.controller_pid, "torchserve_pid": self.torchserve_pid,
+                "torchserve_restarts": self.torchserve_restarts,
+                "torchserve_event": self.torchserve_event,
+                "models": {name: m.to_json() for name, m in self.models.items()}}
+
+
+def cpus_allowed(pid: int) -> tuple[int, ...]:
+    """The cores a process may run on, as it really is (() if it is gone)."""
     try:
-        return sorted(psutil.Process(pid).cpu_affinity())
+        return tuple(sorted(psutil.Process(pid).cpu_affinity()))
     except psutil.Error:
-        return []
+        return ()
 
 
-def status(run_dir: Path) -> dict:
+def status(run_dir: Path) -> Status:
+    """What each model serves, from the controller's state and the live processes."""
     run = RunDir(run_dir)
     if not run.state_file.is_file():
         raise PackratError(f"{run.path} holds no Packrat state; is `packrat serve --run-dir {run.path}` running?")
@@ -79,33 +153,21 @@ def status(run_dir: Path) -> dict:
     for name, st in state.get("models", {}).items():
         version = st.get("version")
         plan = run.read_plan(name, version) if version else None
-        instances = []
+        workers: list[WorkerStatus] = []
         if plan is not None:
             pids = run.slot_pids(name, version)  # the live worker holding each slot
             for k, slot in enumerate(plan.slots):
                 pid = pids.get(k)
-                instances.append({
-                    "threads": plan.threads, "batch": plan.batch_size,
-                    "cores": cpus_allowed(pid) if pid else [], "planned_cores": list(slot),
-                    "pid": pid,
-                })
+                workers.append(WorkerStatus(plan.threads, plan.batch_size,
+                                            cpus_allowed(pid) if pid else (), tuple(slot), pid))
         last = st.get("last_reconfiguration_unix")
-        models[name] = {
-            "version": version,
-            "estimated_batch": st.get("estimated_batch", 1),
-            "auto": st.get("auto", True),
-            "plan": {"instances": instances,
-                     "latency_ms": round(plan.predicted_ms, 3) if plan else None},
-            "reconfigurations": st.get("reconfigurations", 0),
-            "last_reconfiguration_s": round(now - last, 1) if last else None,
-            "last_error": st.get("last_error"),
-            "calibration": st.get("calibration"),
-            "switching": st.get("switching"),  # a switch under way, and its step
-        }
-    return {
-        "controller_pid": controller_pid(run),
-        "torchserve_pid": server.frontend_pid if server else None,
-        "torchserve_restarts": state.get("torchserve_restarts", 0),
-        "torchserve_event": state.get("torchserve_event"),
-        "models": models,
-    }
+        models[name] = ModelStatus(
+            version=version, estimated_batch=st.get("estimated_batch", 1),
+            auto=st.get("auto", True), workers=tuple(workers),
+            latency_ms=round(plan.predicted_ms, 3) if plan else None,
+            reconfigurations=st.get("reconfigurations", 0),
+            last_reconfiguration_s=round(now - last, 1) if last else None,
+            last_error=st.get("last_error"), calibration=st.get("calibration"),
+            switching=st.get("switching"))
+    return Status(controller_pid(run), server.frontend_pid if server else None,
+                  state.get("torchserve_restarts", 0), state.get("torchserve_event"), models)
