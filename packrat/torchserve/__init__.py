@@ -28,7 +28,7 @@ Isolation and processes
   workdir/tmp/.ts.sock.N`, cwd = the model's directory). SIGTERM to the frontend stops its
   workers. Never `torchserve --stop`: it stops whichever server the pid file of the current
   TMPDIR names.
-- Workers inherit the frontend's environment: `ServerSettings.env` (e.g. PACKRAT_RUN_DIR)
+- Workers inherit the frontend's environment: `ServerSettings.env`
   is in every worker's /proc/PID/environ, so the handler sees it.
 - Java: the frontend needs Java 17+. The launcher runs `$JAVA_HOME/bin/java` when JAVA_HOME
   is set, else `java` on PATH; `start_server` sets JAVA_HOME to `java.find_java()`'s choice.

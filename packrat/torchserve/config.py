@@ -78,7 +78,7 @@ class ServerSettings:
     model_store: Path
     ports: Ports
     host: str = "127.0.0.1"  # every listener binds here
-    # Extra environment for the frontend and so for its workers (e.g. PACKRAT_RUN_DIR).
+    # Extra environment for the frontend and so for its workers.
     env: tuple[tuple[str, str], ...] = ()
     token_auth: bool = True
     # Extra config.properties entries, set after the template (e.g. job_queue_size).
