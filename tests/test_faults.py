@@ -146,10 +146,10 @@ def test_killed_controller_is_adopted_without_losing_requests(served, tmp_path):
     finally:
         load.stop()
         out = packrat("stop", "--run-dir", run)
-        assert out.returncode == 0, out.stderr
-        again.wait(timeout=60)
         log.close()
         print((tmp_path / "serve2.log").read_text())
+        assert out.returncode == 0, out.stderr
+        again.wait(timeout=60)
     assert server_processes(RunDir(run).torchserve) == []
 
 

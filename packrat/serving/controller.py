@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -102,8 +101,10 @@ class Controller:
                  pool: Executor | None = None):
         self.run, self.client, self.params = run, client, params
         self.clock, self.wall = clock, wall
-        self.stopping = threading.Event()
-        self.sleep = sleep or self.stopping.wait  # a stop ends the wait at once
+        # Set by a signal handler: a plain flag, no lock (an Event's set() from a handler that
+        # interrupted the same Event's wait() deadlocks on its condition's lock).
+        self.stopping = False
+        self.sleep = sleep or time.sleep
         self.models: dict[str, ModelRuntime] = {}
         self.switches: dict[str, Switch] = {}     # under way, by model
         self.queued: list[SwitchTo] = []          # waiting for another model's switch
@@ -119,7 +120,7 @@ class Controller:
     # -- the loop ---------------------------------------------------------------------------
 
     def run_forever(self) -> None:
-        while not self.stopping.is_set():
+        while not self.stopping:
             self.tick()
             self.sleep(self.params.tick_s if self.switches or self.queued
                        else max(0.0, min(self.params.tick_s * 4, self.next_sample - self.clock())))

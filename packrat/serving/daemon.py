@@ -93,7 +93,7 @@ def _serve(options: ServeOptions, say) -> None:
         stop["flag"] = True
         if controller is None:  # still setting up (profiling, starting): give up at once
             raise KeyboardInterrupt
-        controller.stopping.set()  # the loop ends after this tick; TorchServe stops after it
+        controller.stopping = True  # the loop ends after this tick; TorchServe stops after it
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     server = None
