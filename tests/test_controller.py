@@ -14,10 +14,11 @@ from packrat.core.optimizer import Optimizer
 from packrat.core.policy import manual_plan
 from packrat.core.profile import Profile, ProfilePoint
 from packrat.errors import PackratError, TorchServeError
+from packrat.jsonfile import read_json, write_json
 from packrat.serving import controller as controller_module
 from packrat.serving import switch as switch_module
 from packrat.serving.controller import Controller, ControllerParams, ModelRuntime
-from packrat.serving.rundir import RunDir, read_json, write_json
+from packrat.serving.rundir import RunDir
 from packrat.serving.versions import WorkerCheck
 from packrat.torchserve import ServerProcess, VersionInfo, WorkerInfo
 

@@ -45,9 +45,9 @@ def _p50(values):
 
 def run_demo(zoo: str, out: Path, phases: list[tuple[int, float]], baseline_s: float,
              say=print) -> DemoResult:
+    from packrat.core.decide import Reconfigure
     from packrat.measure.loadgen import ClosedLoop
     from packrat.model.archive import build_zoo_archive
-    from packrat.core.decide import Reconfigure
     from packrat.serving.ops import reconfigure, status
     from packrat.serving.rundir import RunDir
     from packrat.torchserve import TorchServeClient, load_settings

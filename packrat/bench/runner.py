@@ -55,8 +55,9 @@ from packrat.bench.configs import (
 )
 from packrat.bench.models import BenchModel, prepare_model
 from packrat.errors import PackratError, TorchServeError
+from packrat.jsonfile import write_json
 from packrat.measure.foreign import ForeignCpu, least_disturbed
-from packrat.serving.rundir import RunDir, write_json
+from packrat.serving.rundir import RunDir
 from packrat.torchserve import MAX_SOCKET_PATH
 
 log = logging.getLogger(__name__)

@@ -37,8 +37,8 @@ from packrat.core.calibration import (
 from packrat.core.optimizer import Optimizer
 from packrat.core.profile import Profile, read_profile
 from packrat.errors import PackratError
+from packrat.jsonfile import read_json, write_json
 from packrat.measure.foreign import ATTEMPTS, ForeignCpu, least_disturbed
-from packrat.serving.rundir import read_json, write_json
 
 
 def version_numbers(holder) -> Iterator[str]:

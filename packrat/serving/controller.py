@@ -43,7 +43,8 @@ from packrat.core.optimizer import Optimizer
 from packrat.core.plan import ServedPlan
 from packrat.core.policy import PolicyParams, plan_for_batch
 from packrat.errors import PackratError, PlanError, TorchServeError
-from packrat.serving.rundir import RunDir, read_json, write_json
+from packrat.jsonfile import read_json, write_json
+from packrat.serving.rundir import RunDir
 from packrat.serving.switch import Switch, SwitchContext, SwitchResult, SwitchSettings
 from packrat.torchserve import ServerProcess, TorchServeClient, is_running, stop_server
 

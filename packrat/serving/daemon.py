@@ -19,6 +19,7 @@ from pathlib import Path
 from packrat.core.decide import Reason
 from packrat.core.policy import plan_for_batch
 from packrat.errors import PackratError
+from packrat.jsonfile import read_json
 from packrat.measure.cpus import usable_cores
 from packrat.serving.calibrate import (
     cached_calibration,
@@ -27,11 +28,7 @@ from packrat.serving.calibrate import (
 )
 from packrat.serving.controller import Controller, ControllerParams, ModelRuntime
 from packrat.serving.prepare import prepare_model
-from packrat.serving.rundir import (
-    ControllerLock,
-    RunDir,
-    read_json,
-)
+from packrat.serving.rundir import ControllerLock, RunDir
 from packrat.serving.switch import Retire, drive
 from packrat.torchserve import (
     Ports,

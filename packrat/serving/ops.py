@@ -15,7 +15,8 @@ import psutil
 from packrat.core.decide import Reconfigure
 from packrat.core.plan import ServedPlan, describe
 from packrat.errors import PackratError
-from packrat.serving.rundir import RunDir, controller_pid, read_json, write_json
+from packrat.jsonfile import read_json, write_json
+from packrat.serving.rundir import RunDir, controller_pid
 from packrat.torchserve import find_server, stop_server
 
 

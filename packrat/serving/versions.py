@@ -17,8 +17,9 @@ from pathlib import Path
 
 from packrat.core.plan import Layout, ServedPlan
 from packrat.errors import PackratError
+from packrat.jsonfile import write_json
 from packrat.model.spec import HANDLER_FILE, HANDLER_PACKAGE, WORKER_FILE
-from packrat.serving.rundir import RunDir, write_json
+from packrat.serving.rundir import RunDir
 from packrat.torchserve import TorchServeClient, make_version_dir
 
 WORKERS_TIMEOUT_S = 30.0  # from a READY registration to every worker pinned on its slot

@@ -5,7 +5,6 @@ process find the settings of a working directory again."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 from dataclasses import dataclass, replace
 from importlib import resources
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from packrat.errors import TorchServeError
+from packrat.jsonfile import write_json
 
 # Package data: the config.properties and quiet log4j2 config every server starts from.
 TEMPLATES = resources.files("packrat.torchserve") / "templates"
@@ -130,10 +130,7 @@ def load_settings(workdir: Path) -> ServerSettings:
 def write_state(settings: ServerSettings, frontend_pid: int | None) -> None:
     """Write workdir/server.json: the settings and the frontend's pid (None: not running)."""
     data = {**settings.to_json(), "frontend_pid": frontend_pid}
-    path = settings.workdir / SERVER_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(settings.workdir / SERVER_FILE, data)
 
 
 def read_state(workdir: Path) -> dict[str, Any]:
