@@ -129,11 +129,10 @@ class _Bench:
 
     def unregister_all(self, m: BenchModel) -> None:
         """Delete every version of the model (the default last: TorchServe refuses it first)."""
-        from packrat.serving.versions import remove_version_files
+        from packrat.serving.versions import retire_version
 
         for x in sorted(self.client.versions(m.name), key=lambda x: x.is_default):
-            self.client.unregister(m.name, x.version)
-            remove_version_files(self.run, m.name, x.version)
+            retire_version(self.run, self.client, m.name, x.version)
 
     # -- calibration
 
