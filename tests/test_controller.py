@@ -361,3 +361,22 @@ def test_a_reconfigure_request_survives_its_file():
         assert Reconfigure.from_json("id1", r.to_json()) == replace(r, id="id1")
     with pytest.raises(PackratError, match="instances must be an integer"):
         Reconfigure.from_json("x", {"model": "a", "instances": 1.5})
+
+
+def test_sample_sums_versions_and_survives_their_counters_restarting(tmp_path, world):
+    clock, ts = world
+    c = make_controller(tmp_path, clock, ts)
+    m = c.models["a"]
+    key = lambda metric, version: (metric, "a", version)  # noqa: E731
+    req, lat = "ts_inference_requests_total", "ts_inference_latency_microseconds"
+    c.sample(m, {key(req, "default"): 10, key(lat, "default"): 1e6, key(req, "1"): 5,
+                 key(lat, "1"): 5e5, ("ts_inference_requests_total", "b", "default"): 99})
+    assert m.totals == (15, 1.5e6)  # both versions of a; model b left out
+    clock.sleep(1)
+    # version 1 deleted (its series gone), "default" restarted from 0 (TorchServe restarted)
+    c.sample(m, {key(req, "default"): 4, key(lat, "default"): 5e5})
+    assert m.totals == (19, 2e6)  # a reset counts from 0: only increases are added
+    clock.sleep(1)
+    c.sample(m, {key(req, "default"): 8, key(lat, "default"): 4.5e6})
+    assert m.totals == (23, 6e6)
+    assert m.estimator.last.requests == 23 and m.estimator.recent  # the estimator saw them
