@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def _p50(values):
 
 
 def run_demo(zoo: str, out: Path, phases: list[tuple[int, float]], baseline_s: float,
-             say=print) -> DemoResult:
+             say: Callable[[str], None] = lambda s: None) -> DemoResult:
     from packrat.core.decide import Reconfigure
     from packrat.measure.loadgen import ClosedLoop
     from packrat.model.archive import build_zoo_archive

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
@@ -67,7 +68,7 @@ class ServeOptions:
     controller: ControllerParams = ControllerParams()
 
 
-def serve(options: ServeOptions, say=print) -> None:
+def serve(options: ServeOptions, say: Callable[[str], None] = lambda s: None) -> None:
     old_umask = os.umask(0o077)  # the run directory (token, plans, logs) is the user's alone
     try:
         _serve(options, say)
