@@ -140,6 +140,7 @@ def _serve(options: ServeOptions, say) -> None:
             signal.signal(s, h)
         if controller is not None:
             server = controller.server  # it may have restarted TorchServe
+            controller.ctx.pool.shutdown(wait=False, cancel_futures=True)  # switches under way
         if server is not None:
             # log, not say: stderr may be a pipe whose reader is gone, and a failed write
             # here must not leave TorchServe running
