@@ -129,15 +129,18 @@ class Controller:
     def tick(self) -> None:
         if not self.server_up():
             return
+        changed = bool(self.switches or self.queued)  # status shows a switch's step
         self.advance_switches()
-        self.handle_requests()  # before deciding: what the user asks for goes first
+        changed |= self.handle_requests() > 0  # before deciding: the user's requests go first
         now = self.clock()
         if now >= self.next_sample:
             self.next_sample = now + self.params.interval_s
+            changed = True  # a new estimate
             if self.sample_all():
                 self.carry_out(decide(self.views(), now, self.params.policy,
                                       self.params.max_batch_delay_ms))
-        self.save_state()
+        if changed:  # an idle tick (every 0.2 s) writes nothing
+            self.save_state()
 
     def views(self) -> list[ModelView]:
         return [ModelView(m.name, m.optimizer, m.cores, m.plan, m.auto, m.estimator.estimate,
@@ -304,22 +307,26 @@ class Controller:
 
     # -- manual requests (`packrat reconfigure`) --------------------------------------------
 
-    def handle_requests(self) -> None:
+    def handle_requests(self) -> int:
+        """Carry out the requests waiting in the run directory; returns how many."""
+        handled = 0
         for path in sorted(self.run.requests.glob("*.json")):
             if path.name.endswith(".result.json"):
                 continue
             try:
                 request = Reconfigure.from_json(path.stem, read_json(path, None))
             except PackratError as e:
-                path.unlink(missing_ok=True)
-                self._answer(path.stem, False, f"bad request: {e}", None, 0.0)
-                continue
-            if request.model in self.switches:
-                continue  # answered after the switch under way
+                actions: list[Action] = [Answer(path.stem, False, f"bad request: {e}", None)]
+            else:
+                if request.model in self.switches:
+                    continue  # answered after the switch under way
+                est = self.params.estimator  # after --auto: the median window fills, then patience
+                watch_s = (est.window + est.patience + 1) * self.params.interval_s
+                actions = decide_request(self.views(), request, self.clock(), watch_s)
             path.unlink(missing_ok=True)
-            est = self.params.estimator  # after --auto: the median window fills, then patience
-            watch_s = (est.window + est.patience + 1) * self.params.interval_s
-            self.carry_out(decide_request(self.views(), request, self.clock(), watch_s))
+            self.carry_out(actions)
+            handled += 1
+        return handled
 
     def _answer(self, request_id: str, ok: bool, message: str, plan: ServedPlan | None,
                 seconds: float) -> None:

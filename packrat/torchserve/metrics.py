@@ -44,7 +44,7 @@ def worker_cpu_seconds(version: VersionInfo) -> float:
     """User plus system CPU seconds used so far by the live worker processes of a version.
 
     A worker running a batch of a CPU-bound model makes it grow; an idle one does not (the
-    drain rule in packrat.torchserve's facts uses this). Only meaningful on the machine that
+    drain rule, packrat.core.drain, reads it). Only meaningful on the machine that
     runs TorchServe.
     """
     total = 0.0
