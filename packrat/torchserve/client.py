@@ -97,10 +97,11 @@ class TorchServeClient:
             return False
 
     def predict(
-        self, name: str, body: bytes, version: str | None = None, timeout_s: float = 60
+        self, name: str, body: bytes, version: str | None = None, timeout_s: float = 60,
+        content_type: str = "application/json",
     ) -> requests.Response:
-        """POST body (JSON bytes) to /predictions/NAME[/VERSION]; the response as it came,
-        whatever its status (a bad request is 400, a full queue 503)."""
+        """POST body to /predictions/NAME[/VERSION]; the response as it came, whatever its
+        status (a bad request is 400, a full queue 503)."""
         path = f"/predictions/{quote(name, safe='')}"
         if version is not None:
             path += f"/{quote(version, safe='')}"
@@ -109,7 +110,7 @@ class TorchServeClient:
             "POST",
             path,
             data=body,
-            headers={"Content-Type": "application/json"},
+            headers={"Content-Type": content_type},
             timeout=timeout_s,
             ok=None,
         )
