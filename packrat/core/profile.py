@@ -54,6 +54,10 @@ class ProfileMeta:
     contended: bool = False  # measured with the other instances of the plan running beside it
     created: str = ""
     source: str = ""
+    # The largest batch the handler took when some larger one failed (None: all worked), and
+    # the handler's error; no point above it was measured. Absent from older profiles.
+    batch_limit: int | None = None
+    batch_limit_reason: str = ""
 
     def to_json(self) -> dict:
         return asdict(self)
