@@ -1,8 +1,13 @@
 """The profiler: measure a model archive's latency per (threads, batch), targeted and cached.
 
-One subprocess per thread count t, pinned to t cores, times forward passes of the model loaded
-through the archive's own handler on batches b = 1, 2, 4, ... up to max_batch. The subprocesses
+One subprocess per thread count t, pinned to t cores, times batches b = 1, 2, 4, ... up to
+max_batch through the archive's own handler. With a sample request (any archive) it times the
+whole handler as a TorchServe worker runs it on b copies of the sample; without one (only
+Packrat's archives, which carry a synthetic example) the model's forward pass. The subprocesses
 are forked from one process that loaded the model once (packrat.measure.profile_worker).
+
+A handler may refuse large batches: the first size it fails on ends every row there (the
+profile's batch limit, so no plan can exceed it); failing on b = 1 means it rejects the sample.
 
 Targeted: thread counts are measured from the largest down. Before each, the optimizer solves
 the largest batch Bmax on what is known so far; that plan is feasible, so its latency U bounds
@@ -12,7 +17,8 @@ so a row stops at the first batch slower than U. The skipped points are the slow
 measure: large batches on few threads.
 
 Cached: results are stored under a key of the archive's content hash, the CPU model, the usable
-cores, the torch version and the grid, so a second run returns at once; force=True measures again.
+cores, the torch version, the grid and the sample and envelope if any, so a second run returns
+at once; force=True measures again.
 """
 
 from __future__ import annotations
@@ -23,14 +29,15 @@ import json
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 from packrat.core.optimizer import Optimizer
 from packrat.core.profile import (
@@ -42,8 +49,10 @@ from packrat.core.profile import (
     write_profile,
 )
 from packrat.errors import PlanError, ProfilerError
+from packrat.measure.archive_dir import OpenedArchive, is_packrat_built, open_archive
 from packrat.measure.cpus import cpu_model, usable_cores
-from packrat.model.archive import archive_digest, extract_archive
+from packrat.model.archive import archive_digest
+from packrat.model.sample import Sample
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +98,18 @@ class ProfileSettings:
 class ProgressEvent:
     """What the profiler reports as it goes; the CLI draws a progress bar from it."""
 
-    kind: str  # "load", "start" (a thread count), "point", "skip" (rest of a row), "cached"
+    # "load", "start" (a thread count), "point", "skip" (rest of a row, batch = its first),
+    # "limit" (the handler failed at batch; no row goes above limit; message = its error),
+    # "cached"
+    kind: str
     done: int
     total: int
     elapsed_s: float
     threads: int = 0
     batch: int = 0
     latency_ms: float = 0.0
+    limit: int = 0
+    message: str = ""
 
 
 @dataclass(frozen=True)
@@ -103,6 +117,19 @@ class ProfileRun:
     profile: Profile
     path: Path  # the cached CSV
     cached: bool
+    # The largest batch the handler took, where a larger one failed (None: every size worked),
+    # and the handler's error on one line.
+    batch_limit: int | None = None
+    batch_limit_reason: str = ""
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What the profile worker measured."""
+
+    points: list[ProfilePoint]
+    batch_limit: int | None
+    batch_limit_reason: str
 
 
 def cache_dir() -> Path:
@@ -135,42 +162,58 @@ def profile_archive(
     archive: Path,
     settings: ProfileSettings | None = None,
     *,
+    sample: Sample | None = None,
+    envelope: str | None = None,
     force: bool = False,
     cache: Path | None = None,
     progress: Callable[[ProgressEvent], None] | None = None,
 ) -> ProfileRun:
+    """Measure (or read from the cache) the archive's profile.
+
+    sample: one request body; the whole handler is timed on b copies of it, as TorchServe
+    runs it (envelope: TorchServe's service_envelope, e.g. "kserve"). Without it, only an
+    archive Packrat built can be profiled (on its synthetic example).
+    """
     archive = Path(archive)
     cores = usable_cores()
     settings = settings or ProfileSettings(threads=default_threads(len(cores)))
     settings = replace(settings, threads=tuple(sorted(set(settings.threads), reverse=True)))
     validate_settings(settings, cores)
     digest = archive_digest(archive)  # also checks that the archive exists
+    if sample is None and not is_packrat_built(archive):
+        raise ProfilerError(
+            f"{archive} was not built by Packrat and has no built-in example: pass --sample "
+            "FILE, one request body as a client sends it (an image, a text, a JSON file)"
+        )
     torch_version = _torch_version()
-    key_source = json.dumps(
-        {
-            "archive": digest, "cpu": cpu_model(), "cores": cores, "torch": torch_version,
-            "settings": [settings.threads, settings.max_batch, settings.warmup,
-                         settings.min_reps, settings.max_reps, settings.min_time_s,
-                         settings.prune, settings.contended],
-        },
-        sort_keys=True,
-    )
-    key = hashlib.sha256(key_source.encode()).hexdigest()[:20]
+    key_fields = {
+        "archive": digest, "cpu": cpu_model(), "cores": cores, "torch": torch_version,
+        "settings": [settings.threads, settings.max_batch, settings.warmup,
+                     settings.min_reps, settings.max_reps, settings.min_time_s,
+                     settings.prune, settings.contended],
+    }
+    if sample is not None:  # absent otherwise: caches of Packrat archives stay valid
+        key_fields.update(sample=sample.digest(), envelope=envelope)
+    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:20]
     path = (cache or cache_dir()) / f"{archive.stem}-{key}.csv"
     if path.is_file() and not force:
         profile = read_profile(path)
         if progress:
             n = len(profile.points)
-            progress(ProgressEvent("cached", n, n, 0.0))
-        return ProfileRun(profile, path, cached=True)
+            progress(ProgressEvent("cached", n, n, 0.0, limit=profile.meta.batch_limit or 0,
+                                   message=profile.meta.batch_limit_reason))
+        return ProfileRun(profile, path, cached=True, batch_limit=profile.meta.batch_limit,
+                          batch_limit_reason=profile.meta.batch_limit_reason)
 
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="packrat-profile-") as tmp:
-        model_dir = extract_archive(archive, Path(tmp) / "model")
-        points = _run_worker(model_dir, settings, cores, progress, start)
+        opened = open_archive(archive, Path(tmp) / "model")
+        job = _job(opened, settings, cores, sample, envelope, Path(tmp))
+        outcome = _run_worker(job, settings, cores, progress, start)
+    points = outcome.points
+    allowed = [b for b in settings.batches if outcome.batch_limit is None or b <= outcome.batch_limit]
     measured = {(p.threads, p.batch) for p in points}
-    skipped = [(t, b) for t in settings.threads for b in settings.batches
-               if (t, b) not in measured]
+    skipped = [(t, b) for t in settings.threads for b in allowed if (t, b) not in measured]
     duration = time.monotonic() - start
     meta = ProfileMeta(
         model=archive.stem, archive_sha256=digest, cpu_model=cpu_model(), cores=cores,
@@ -178,12 +221,14 @@ def profile_archive(
         max_batch=settings.max_batch, measured_points=len(points),
         skipped_points=len(skipped), duration_s=round(duration, 2), contended=settings.contended,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), source=str(archive),
+        batch_limit=outcome.batch_limit, batch_limit_reason=outcome.batch_limit_reason,
     )
     profile = Profile(tuple(points), meta)
     write_profile(profile, path)
     log.info("profiled %s: %d points measured, %d skipped, %.1f s", archive, len(points),
              len(skipped), duration)
-    return ProfileRun(profile, path, cached=False)
+    return ProfileRun(profile, path, cached=False, batch_limit=outcome.batch_limit,
+                      batch_limit_reason=outcome.batch_limit_reason)
 
 
 def latency_bound(points, cores: int, max_batch: int) -> float | None:
@@ -198,16 +243,34 @@ def latency_bound(points, cores: int, max_batch: int) -> float | None:
         return None
 
 
-def _run_worker(model_dir, settings, cores, progress, start) -> list[ProfilePoint]:
+def _job(opened: OpenedArchive, settings: ProfileSettings, cores: tuple[int, ...],
+         sample: Sample | None, envelope: str | None, tmp: Path) -> dict:
+    """The profile worker's job (JSON on its command line; the sample's body in a file)."""
     job = {
-        "model_dir": str(model_dir), "threads": list(settings.threads), "cores": list(cores),
-        "plan_cores": len(cores), "batches": list(settings.batches), "prune": settings.prune,
-        "contended": settings.contended,
+        "model_dir": str(opened.model_dir), "threads": list(settings.threads),
+        "cores": list(cores), "plan_cores": len(cores), "batches": list(settings.batches),
+        "prune": settings.prune, "contended": settings.contended,
         "warmup": settings.warmup, "min_reps": settings.min_reps,
         "max_reps": settings.max_reps, "min_time_s": settings.min_time_s,
+        "model_name": opened.model_name, "handler": opened.handler, "envelope": envelope,
+        "sample": None,
     }
+    if sample is not None:
+        body = tmp / "sample.body"
+        body.write_bytes(sample.body)
+        job["sample"] = {"path": str(body), "content_type": sample.content_type,
+                         "source": sample.source}
+    return job
+
+
+def _run_worker(job: dict, settings: ProfileSettings, cores: tuple[int, ...], progress,
+                start: float) -> _Outcome:
     total = len(settings.threads) * len(settings.batches)
+    batches = list(settings.batches)  # shrinks to the handler's limit
     points: list[ProfilePoint] = []
+    limit: int | None = None
+    reason = ""
+    error: dict | None = None  # the worker's event "error"
     done = 0  # points measured or skipped
 
     def report(kind: str, **fields) -> None:
@@ -216,9 +279,10 @@ def _run_worker(model_dir, settings, cores, progress, start) -> list[ProfilePoin
 
     report("load")
     with tempfile.TemporaryFile(mode="w+") as err:
+        # Its own process group: the forked measurement and neighbor processes go with it.
         proc = subprocess.Popen(
             [sys.executable, "-m", "packrat.measure.profile_worker", json.dumps(job)],
-            stdout=subprocess.PIPE, stderr=err, text=True,
+            stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True,
         )
         try:
             row: list[ProfilePoint] = []
@@ -226,7 +290,7 @@ def _run_worker(model_dir, settings, cores, progress, start) -> list[ProfilePoin
                 try:
                     event = json.loads(line)
                 except ValueError:
-                    continue  # a library printed to stdout
+                    continue
                 kind = event.get("event")
                 if kind == "start":
                     row = []
@@ -239,28 +303,65 @@ def _run_worker(model_dir, settings, cores, progress, start) -> list[ProfilePoin
                     done += 1
                     report("point", threads=event["threads"], batch=event["batch"],
                            latency_ms=event["latency_ms"])
-                elif kind == "done":
+                elif kind == "limit" and event["batch"] > batches[0]:
+                    t, failed = event["threads"], event["batch"]
+                    limit = max(b for b in batches if b < failed)
+                    reason = event["error"]
+                    batches = [b for b in batches if b <= limit]
+                    total = len(settings.threads) * len(batches)
+                    done = min(done, total)
+                    report("limit", threads=t, batch=failed, limit=limit, message=reason)
+                elif kind == "done" and row:
                     t = event["threads"]
                     _check_placement(event, t, cores[:t])
                     points.extend(row)
-                    rest = [b for b in settings.batches if b > row[-1].batch]
+                    rest = [b for b in batches if b > row[-1].batch]
                     done += len(rest)
                     if rest:
                         report("skip", threads=t, batch=rest[0])
-        except BaseException:  # Ctrl-C or a bad measurement: leave no worker behind
-            proc.kill()
-            proc.wait()
+                elif kind == "error":
+                    error = event
+        except BaseException:  # Ctrl-C or a bad measurement: leave no process behind
+            _kill_group(proc)
             raise
         code = proc.wait()
-        if code != 0 or len({p.threads for p in points}) != len(settings.threads):
-            err.seek(0)
-            lines = [ln for ln in err.read().splitlines() if ln.strip()]
-            last = lines[-1] if lines else f"exit code {code}"
-            raise ProfilerError(
-                f"profiling failed: {last}. Check that the archive loads with its handler "
-                f"(`packrat archive` builds known-good ones)"
-            )
-    return points
+        _kill_group(proc)  # a neighbor left behind by a crash
+        if error is not None or code != 0:
+            raise ProfilerError(_failure_message(job, error, err, code))
+    # A smaller limit found by a later row drops the larger points of earlier rows.
+    points = [p for p in points if limit is None or p.batch <= limit]
+    if len({p.threads for p in points}) != len(settings.threads):
+        raise ProfilerError("profiling failed: some thread counts have no measurement; run it "
+                            "again with -v to see the worker's log")
+    return _Outcome(points, limit, reason)
+
+
+def _failure_message(job: dict, error: dict | None, err, code: int) -> str:
+    """One line: the handler's own error where the worker reported it, else stderr's last."""
+    if error is not None:
+        stage, message = error.get("stage"), error.get("message", "")
+        if job["sample"] is not None:
+            if stage == "load":
+                return f"the archive's handler {job['handler']!r} failed to load: {message}"
+            if stage == "reject":
+                return f"the handler rejected the sample: {message}"
+        elif stage == "reject":
+            return f"the model failed on its built-in example: {message}"
+        last = message
+    else:
+        err.seek(0)
+        lines = [ln for ln in err.read().splitlines() if ln.strip()]
+        last = lines[-1].strip()[:300] if lines else f"exit code {code}"
+    return (f"profiling failed: {last}. Check that the archive loads with its handler "
+            f"(`packrat archive` builds known-good ones)")
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # all gone already
+    proc.wait()
 
 
 def _check_placement(event: dict, threads: int, cores: tuple[int, ...]) -> None:
