@@ -49,6 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--isolated", action="store_true",
                     help="measure each instance alone (default: with the other instances of its "
                          "plan running on the other cores)")
+    pr.add_argument("--sample", metavar="FILE",
+                    help="one request body as a client sends it (an image, a text, a JSON "
+                         "file): the whole handler is timed on batches of it, as TorchServe "
+                         "runs it; needed for archives Packrat did not build")
+    pr.add_argument("--sample-content-type", metavar="TYPE",
+                    help="the sample's Content-Type (default: from its extension, e.g. "
+                         ".json application/json, .png image/png, .txt text/plain)")
+    pr.add_argument("--envelope", metavar="NAME",
+                    help="TorchServe's service_envelope the model is served with (e.g. json, "
+                         "kserve, kservev2): the handler is wrapped in it")
     pr.set_defaults(func=cmd_profile)
 
     pl = sub.add_parser("plan", help="the best instances <threads, batch> for N cores and B")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from packrat.cli.args import ProgressBar
+from packrat.errors import ArchiveError
 
 
 def cmd_archive(args) -> int:
@@ -30,7 +31,11 @@ def cmd_profile(args) -> int:
         default_threads,
         profile_archive,
     )
+    from packrat.model.sample import Sample
 
+    if args.sample_content_type and not args.sample:
+        raise ArchiveError("--sample-content-type needs --sample FILE")
+    sample = Sample.load(args.sample, args.sample_content_type) if args.sample else None
     cores = usable_cores()
     settings = ProfileSettings(
         threads=tuple(args.threads) if args.threads else default_threads(len(cores)),
@@ -52,12 +57,16 @@ def cmd_profile(args) -> int:
             text = f"t={ev.threads}: warming up ({ev.elapsed_s:.0f} s)"
         elif ev.kind == "skip":
             text = f"t={ev.threads}: b>={ev.batch} skipped, slower than any optimal plan"
+        elif ev.kind == "limit":
+            text = (f"b>={ev.batch}: the handler fails ({ev.message}); the profile stops at "
+                    f"b={ev.limit}")
         else:
             text = "cached"
         bar.update(ev.done, ev.total, text)
 
     try:
-        run = profile_archive(Path(args.archive), settings, force=args.force, progress=progress)
+        run = profile_archive(Path(args.archive), settings, sample=sample,
+                              envelope=args.envelope, force=args.force, progress=progress)
     finally:
         bar.close()
     meta = run.profile.meta
@@ -68,6 +77,9 @@ def cmd_profile(args) -> int:
         print(f"measured {meta.measured_points} points in {meta.duration_s:.1f} s "
               f"({meta.skipped_points} of {meta.measured_points + meta.skipped_points} skipped "
               f"as unable to matter), cores {','.join(map(str, meta.cores))}")
+    if run.batch_limit is not None:
+        print(f"batch limit: {run.batch_limit} (larger batches fail in the handler: "
+              f"{run.batch_limit_reason}); no plan serves more per instance")
     print(f"profile: {run.path}")
     if args.out:
         write_profile(run.profile, Path(args.out))
