@@ -42,13 +42,13 @@ class Keys:
     def __init__(
         self,
         key_file: Path,
-        workdir: Path,
+        server: str,
         management_url: str,
         session: Callable[[], requests.Session],
         timeout_s: float,
     ):
         self.key_file = key_file
-        self.workdir = workdir
+        self.server = server  # how messages name the server: "the TorchServe of DIR"
         self.management_url = management_url
         self.session = session
         self.timeout_s = timeout_s
@@ -79,7 +79,8 @@ class Keys:
                 except requests.RequestException as e:
                     raise TorchServeError(f"POST {url}?type={api} -> failed: {e}") from None
                 if r.status_code != 200:
-                    raise TorchServeError(
+                    error = KeyRefused if is_token_refusal(r) else TorchServeError
+                    raise error(
                         f"POST {r.url} -> {r.status_code}: {response_message(r)} (TorchServe refused "
                         f"the API key of {self.key_file} while renewing the {api} key; "
                         "restart the server)"
@@ -99,9 +100,8 @@ class Keys:
                 break
             time.sleep(0.05)
         raise NoKeys(
-            f"cannot read TorchServe's keys from {self.key_file}; is the server of "
-            f"{self.workdir} running? (start it, or set token_auth=False if it was "
-            "started without token authorization)"
+            f"cannot read TorchServe's keys from {self.key_file}; is {self.server} running? "
+            "(start it, or set token_auth=False if it was started without token authorization)"
         )
 
 
@@ -131,6 +131,10 @@ def is_token_refusal(r: requests.Response) -> bool:
 
 class NoKeys(TorchServeError):
     """key_file.json is missing or unreadable."""
+
+
+class KeyRefused(TorchServeError):
+    """TorchServe refused a key of key_file.json, even after a refresh."""
 
 
 def response_message(r: requests.Response) -> str:

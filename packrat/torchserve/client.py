@@ -16,12 +16,14 @@ from requests.auth import AuthBase
 from packrat.errors import TorchServeError
 from packrat.torchserve.auth import (
     Bearer,
+    KeyRefused,
     Keys,
     NoKeys,
     is_token_refusal,
     response_message,
 )
-from packrat.torchserve.config import KEY_FILE, ServerSettings, url_host
+from packrat.torchserve.config import ServerSettings
+from packrat.torchserve.endpoints import ApiAddress, Endpoints, PinnedAdapter
 from packrat.torchserve.metrics import parse_metrics
 
 logger = logging.getLogger(__name__)
@@ -53,27 +55,32 @@ class VersionInfo:
 class TorchServeClient:
     """Inference, management and metrics calls to one server; safe to share between threads.
 
-    Management calls send the management key, inference calls and /ping the inference key
-    (from workdir/key_file.json). A refused key is refreshed once (see the facts in
-    packrat.torchserve).
+    Made from the settings of a server Packrat started, or from the Endpoints of any server
+    (one it attached to). Management calls send the management key, inference calls and /ping
+    the inference key (from the key file, unless the server has token authorization off). A
+    refused key is refreshed once (see the facts in packrat.torchserve). https APIs must
+    present the pinned certificate (Endpoints.tls).
     """
 
-    def __init__(self, settings: ServerSettings, timeout_s: float = 30):
-        self.settings = settings.resolved()
+    def __init__(self, target: ServerSettings | Endpoints, timeout_s: float = 30):
+        # settings: those of a server Packrat started; None for one given by its endpoints
+        self.settings: ServerSettings | None = None
+        if isinstance(target, ServerSettings):
+            self.settings = target.resolved()
+            self.endpoints = self.settings.endpoints()
+        else:
+            self.endpoints = target
         self.timeout_s = timeout_s
-        host = url_host(self.settings.host)
-        ports = self.settings.ports
-        self.inference_url = f"http://{host}:{ports.inference}"
-        self.management_url = f"http://{host}:{ports.management}"
-        self.metrics_url = f"http://{host}:{ports.metrics}"
-        self.key_file = self.settings.workdir / KEY_FILE
+        self.inference_url = self.endpoints.inference.connect_url
+        self.management_url = self.endpoints.management.connect_url
+        self.metrics_url = self.endpoints.metrics.connect_url
+        self.key_file = self.endpoints.key_file  # None: no token authorization
         self._local = threading.local()
-        self._keys = Keys(self.key_file, self.settings.workdir, self.management_url,
-                           self._session, timeout_s)  # fmt: skip
-        self._auth: dict[str, AuthBase | None] = {
-            api: Bearer(self._keys, api) if self.settings.token_auth else None
-            for api in ("inference", "management")
-        }
+        self._auth: dict[str, AuthBase | None] = dict.fromkeys(("inference", "management"))
+        if self.key_file is not None:
+            self._keys = Keys(self.key_file, self.endpoints.server, self.management_url,
+                              self._session, timeout_s)  # fmt: skip
+            self._auth = {api: Bearer(self._keys, api) for api in ("inference", "management")}
         self._auth["metrics"] = None  # the metrics port takes no token
 
     # -- inference API
@@ -86,7 +93,7 @@ class TorchServeClient:
         except _Unreachable:
             return False
         except NoKeys:
-            if not self._accepts_connections(self.settings.ports.inference):
+            if not self._accepts_connections(self.endpoints.inference):
                 return False  # stopped: that is why there is no key file
             raise
         if r.status_code != 200:
@@ -205,7 +212,10 @@ class TorchServeClient:
         s = getattr(self._local, "session", None)
         if s is None:
             s = self._local.session = requests.Session()
-            s.trust_env = False  # loopback only: never through a proxy from the environment
+            s.trust_env = False  # this host only: never through a proxy from the environment
+            if self.endpoints.tls is not None:
+                s.mount("https://", PinnedAdapter(self.endpoints.tls))
+                s.verify = False  # the pin replaces CA and host name checks
         return s
 
     def _base(self, api: str) -> str:
@@ -215,9 +225,10 @@ class TorchServeClient:
             "metrics": self.metrics_url,
         }[api]
 
-    def _accepts_connections(self, port: int) -> bool:
+    def _accepts_connections(self, address: ApiAddress) -> bool:
+        where = (address.connect_host, address.port)
         try:
-            with socket.create_connection((self.settings.host, port), timeout=self.timeout_s):
+            with socket.create_connection(where, timeout=self.timeout_s):
                 return True
         except OSError:
             return False
@@ -242,10 +253,17 @@ class TorchServeClient:
                     method, url, params=params, data=data, headers=headers, auth=auth,
                     timeout=timeout,
                 )  # fmt: skip
+            except requests.exceptions.SSLError as e:
+                tls = self.endpoints.tls
+                pinned = f" (Packrat pins the certificate of {tls.source})" if tls else ""
+                raise TorchServeError(
+                    f"{method} {_with_query(url, params)} -> TLS handshake failed: "
+                    f"{_short(e)}{pinned}"
+                ) from None
             except requests.ConnectionError as e:
                 raise _Unreachable(
                     f"{method} {_with_query(url, params)} -> cannot connect ({_short(e)}); "
-                    f"is the TorchServe of {self.settings.workdir} running?"
+                    f"is {self.endpoints.server} running?"
                 ) from None
             except requests.Timeout:
                 raise TorchServeError(
@@ -257,10 +275,10 @@ class TorchServeClient:
                 return r
             if attempt == 0:
                 self._keys.renew(api, refused=Bearer.sent_key(r))
-        raise TorchServeError(
+        raise KeyRefused(
             f"{method} {r.url} -> {r.status_code}: {response_message(r)} (the {api} key from "
             f"{self.key_file} was refused again after a refresh: the token is invalid or "
-            "expired; check that this is the server's working directory, or restart the "
+            "expired; check that this is the key file of the server, or restart the "
             "server to get new keys)"
         )
 

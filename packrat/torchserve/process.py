@@ -99,13 +99,14 @@ def start_server(settings: ServerSettings, timeout_s: float = 90) -> ServerProce
     env = dict(os.environ)
     env.update(dict(settings.env))
     env.update(TMPDIR=str(tmp), TEMP=str(tmp), JAVA_HOME=str(java.home))
+    env.pop("TS_CONFIG_FILE", None)  # the launcher would read it instead of --ts-config
     args = [
         command, "--start", "--foreground", "--ncs",
         "--ts-config", str(config), "--model-store", str(store),
     ]  # fmt: skip
     logger.info(
-        "starting TorchServe in %s on %s ports %s with %s", workdir, settings.host,
-        settings.ports, java,
+        "starting TorchServe in %s: inference %s, management %s, metrics %s, with %s", workdir,
+        *(settings.address(api).url for api in ("inference", "management", "metrics")), java,
     )  # fmt: skip
     with open(workdir / "logs" / LAUNCHER_LOG, "wb") as log:
         launcher = subprocess.Popen(
@@ -149,7 +150,7 @@ def start_server(settings: ServerSettings, timeout_s: float = 90) -> ServerProce
 
 
 def _healthy(client: TorchServeClient) -> bool:
-    if client.settings.token_auth and read_key_file(client.settings.workdir / KEY_FILE) is None:
+    if client.key_file is not None and read_key_file(client.key_file) is None:
         return False  # not written yet (or caught half-written)
     try:
         return client.ping()
