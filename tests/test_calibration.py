@@ -5,18 +5,33 @@ import itertools
 
 import pytest
 
-from packrat.model.archive import build_zoo_archive, extract_archive
-from packrat.core.calibration import Calibration, CalibrationPoint, calibration_batch, scale_profile
-from packrat.serving.calibrate import (
-    calibrate, calibrated_profile, calibration_path, load_calibration, save_calibration,
+from packrat.core.calibration import (
+    Calibration,
+    CalibrationPoint,
+    calibration_batch,
+    scale_profile,
 )
-from packrat.measure.cpus import usable_cores
 from packrat.core.optimizer import Optimizer
 from packrat.core.policy import plan_for_batch
 from packrat.core.profile import Profile, ProfilePoint, write_profile
+from packrat.measure.cpus import usable_cores
+from packrat.model.archive import build_zoo_archive, extract_archive
+from packrat.model.sample import Sample
+from packrat.serving.calibrate import (
+    calibrate,
+    calibrated_profile,
+    calibration_path,
+    load_calibration,
+    save_calibration,
+)
 from packrat.serving.rundir import RunDir
 from packrat.torchserve import (
-    Ports, ServerSettings, TorchServeClient, find_server, start_server, stop_server,
+    Ports,
+    ServerSettings,
+    TorchServeClient,
+    find_server,
+    start_server,
+    stop_server,
 )
 from tests.conftest import TORCHSERVE, has_torchserve, require
 
@@ -109,7 +124,8 @@ def test_calibrate_through_torchserve(tmp_path):
         client = TorchServeClient(settings)
         versions = (str(k) for k in itertools.count(1))
         said = []
-        cal = calibrate(run, client, base, "small-cnn", profile, cores, body, versions,
+        cal = calibrate(run, client, base, "small-cnn", profile, cores,
+                        Sample(body, "application/json"), versions,
                         min_seconds=1.0, say=said.append)
         assert [(p.threads, p.instances, p.batch) for p in cal.points] == [
             (2, 1, 8), (2, 1, 1), (1, 2, 4), (1, 2, 1)]

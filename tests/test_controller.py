@@ -15,6 +15,7 @@ from packrat.core.policy import manual_plan
 from packrat.core.profile import Profile, ProfilePoint
 from packrat.errors import PackratError, TorchServeError
 from packrat.jsonfile import read_json, write_json
+from packrat.model.sample import Sample
 from packrat.serving import controller as controller_module
 from packrat.serving import switch as switch_module
 from packrat.serving.controller import Controller, ControllerParams, ModelRuntime
@@ -125,7 +126,7 @@ def world(tmp_path, monkeypatch):
     # The version's files and its workers are the integration tests' business: here a
     # version is ready as soon as TorchServe has it.
     monkeypatch.setattr(switch_module, "prepare_version",
-                        lambda run, base, name, version, plan: f"{name}-v{version}")
+                        lambda run, base, name, version, plan, **kw: f"{name}-v{version}")
     monkeypatch.setattr(switch_module, "check_workers",
                         lambda run, client, name, version, plan: WorkerCheck(
                             name, version, plan.instances, plan.instances, plan.instances,
@@ -140,7 +141,7 @@ def make_controller(tmp_path, clock, ts, pool=None, models=("a",), **params):
                    wall=lambda: 0.0, sleep=clock.sleep, pool=pool or HeldPool())
     for name in models:
         c.models[name] = ModelRuntime(name, Path("/nonexistent"), Optimizer(PROFILE, 2), CORES,
-                                      b"{}")
+                                      Sample(b"{}", "application/json"))
     return c
 
 

@@ -12,20 +12,35 @@ import time
 import psutil
 import pytest
 
-from packrat.model.archive import build_zoo_archive, extract_archive
-from packrat.serving.controller import Controller, ControllerParams, ModelRuntime
-from packrat.errors import TorchServeError
-from packrat.measure.loadgen import ClosedLoop
 from packrat.core.optimizer import Optimizer
 from packrat.core.policy import manual_plan
 from packrat.core.profile import read_profile
-from packrat.serving.rundir import RunDir
+from packrat.errors import TorchServeError
+from packrat.measure.loadgen import ClosedLoop
+from packrat.model.archive import build_zoo_archive, extract_archive
+from packrat.model.sample import Sample
+from packrat.serving.controller import Controller, ControllerParams, ModelRuntime
 from packrat.serving.ops import status as service_status
+from packrat.serving.rundir import RunDir
 from packrat.torchserve import (
-    Ports, ServerSettings, TorchServeClient, find_server, load_settings, server_processes,
-    start_server, stop_server,
+    Ports,
+    ServerSettings,
+    TorchServeClient,
+    find_server,
+    load_settings,
+    server_processes,
+    start_server,
+    stop_server,
 )
-from tests.serving import CORES, PROFILE, assert_pinned, load_for, packrat, status, wait_for
+from tests.serving import (
+    CORES,
+    PROFILE,
+    assert_pinned,
+    load_for,
+    packrat,
+    status,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(len(CORES) < 2, reason="needs 2 cores")]
@@ -189,7 +204,7 @@ def live(tmp_path_factory):
         base = extract_archive(mar, run.path / "archives" / "small-cnn")
         body = (tmp / "archives" / "small-cnn.example.json").read_bytes()
         m = ModelRuntime(name="small-cnn", base_dir=base, cores=tuple(CORES[:2]),
-                         optimizer=Optimizer(read_profile(tmp / "p.csv"), 2), warm_body=body)
+                         optimizer=Optimizer(read_profile(tmp / "p.csv"), 2), warm=Sample(body, "application/json"))
         controller.models[m.name] = m
         first = manual_plan(m.optimizer, m.name, "1", 2, 1, 1, m.cores)
         assert controller.switch_now(m, first).ok

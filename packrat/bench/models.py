@@ -14,6 +14,7 @@ from packrat.measure.foreign import (
     ForeignCpu,
     wait_quiet,
 )
+from packrat.model.sample import Sample
 from packrat.serving.prepare import prepare_model as prepare_model_for_serving
 from packrat.serving.rundir import RunDir
 
@@ -29,6 +30,10 @@ class BenchModel:
     raw_opt: Optimizer   # the profile as measured
     calibration: str | None = None  # Calibration.describe(), once calibrated
     next_version: int = 1
+
+    @property
+    def sample(self) -> Sample:
+        return Sample(self.body, "application/json", "the zoo example")
 
 
 def prepare_model(name: str, out: Path, cores: tuple[int, ...], run: RunDir,
@@ -47,13 +52,14 @@ def prepare_model(name: str, out: Path, cores: tuple[int, ...], run: RunDir,
         result = build_zoo_archive(name, out, progress=lambda msg: say(f"{name}: {msg}"))
         mar, example = result.mar_path, result.example_path
 
-    def measure(archive, settings, progress):
+    def measure(archive, settings, progress, **kwargs):
         # Not least_disturbed: each attempt overwrites the cached profile, so the last is kept.
         watch = ForeignCpu()
         for attempt in range(1, ATTEMPTS + 1):
             wait_quiet(watch, say, f"profiling {name}", quiet_wait_s)
             watch.start()
-            run_ = profile_archive(archive, settings, force=attempt > 1, progress=progress)
+            run_ = profile_archive(archive, settings, force=attempt > 1, progress=progress,
+                                   **kwargs)
             foreign = watch.cores()
             if run_.cached or foreign <= FOREIGN_LIMIT_CORES:
                 break
@@ -64,6 +70,6 @@ def prepare_model(name: str, out: Path, cores: tuple[int, ...], run: RunDir,
     p = prepare_model_for_serving(run, name, mar, cores, max_batch=max_batch,
                                   largest_b=largest_b, say=say, measure=measure, what_b="--batch")
     if not example.is_file():
-        example.write_bytes(p.warm_body + b"\n")
+        example.write_bytes(p.warm.body + b"\n")
     return BenchModel(name, mar, p.base_dir, example.read_bytes(), p.optimizer, p.profile_path,
                       p.optimizer)

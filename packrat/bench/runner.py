@@ -123,7 +123,7 @@ class _Bench:
         est = estimated_ms(m.opt, cfg, batch)
         self.tell(f"{m.name} B={batch}: registering {cfg.describe()} as version {version}")
         deploy_version(self.run, self.client, m.base_dir, m.name, version, layout,
-                       max_batch_delay_ms=self.options.max_batch_delay_ms, warm_body=m.body,
+                       max_batch_delay_ms=self.options.max_batch_delay_ms, warm=m.sample,
                        response_timeout_s=max(120, int(20 * est / 1000)))
         return _Version(cfg, version)
 
@@ -142,7 +142,7 @@ class _Bench:
         from packrat.serving.calibrate import calibrated_profile, version_numbers
 
         found = calibrated_profile(
-            self.run, self.client, m.base_dir, m.name, m.profile_path, self.cores, m.body,
+            self.run, self.client, m.base_dir, m.name, m.profile_path, self.cores, m.sample,
             version_numbers(m), max_batch_delay_ms=self.options.max_batch_delay_ms,
             say=self.tell, watch=self.watch(),
             quiet_wait_s=self.options.quiet_wait_s)

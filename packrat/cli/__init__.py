@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--models", required=True, help="NAME=FILE.mar[,NAME2=FILE2.mar]")
     sv.add_argument("--model-store", help="directory the .mar paths are relative to")
     sv.add_argument("--profiles", help="NAME=PROFILE.csv[,...]: use these profiles instead of measuring")
+    sv.add_argument("--sample", help="NAME=FILE[,...]: one request body as a client sends it "
+                    "(an image, a text, a JSON file), to profile and warm NAME with; needed for "
+                    "an archive Packrat did not build")
+    sv.add_argument("--sample-content-type", metavar="NAME=TYPE[,...]",
+                    help="content type of NAME's sample (default: from the file's extension)")
     sv.add_argument("--cores", type=int, help="cores to use (default: all usable)")
     sv.add_argument("--inference-port", type=int)
     sv.add_argument("--management-port", type=int)

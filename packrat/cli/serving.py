@@ -20,10 +20,14 @@ def _model_sources(args):
     """--models and --profiles, checked before anything is started or written."""
     from packrat.core.profile import read_profile
     from packrat.model.archive import check_archive
+    from packrat.model.sample import Sample
     from packrat.serving.daemon import ModelSource
     from packrat.serving.rundir import check_model_name
 
     profiles = dict(_pairs(args.profiles, "--profiles")) if args.profiles else {}
+    samples = dict(_pairs(args.sample, "--sample")) if args.sample else {}
+    types = (dict(_pairs(args.sample_content_type, "--sample-content-type", "NAME=TYPE"))
+             if args.sample_content_type else {})
     sources = []
     for name, file in _pairs(args.models, "--models"):
         check_model_name(name)
@@ -40,11 +44,17 @@ def _model_sources(args):
             if not profile.is_file():
                 raise PackratError(f"model {name}: profile {profile} does not exist")
             read_profile(profile)  # ProfileError for a bad file
-        sources.append(ModelSource(name, path, profile))
+        if name in types and name not in samples:
+            raise PackratError(f"--sample-content-type {name}=...: give --sample {name}=FILE too")
+        sample = (Sample.load(samples.pop(name), types.pop(name, None)) if name in samples
+                  else None)
+        sources.append(ModelSource(name, path, profile, sample))
     if not sources:
         raise PackratError("--models names no model; give NAME=FILE.mar")
-    if profiles:
-        raise PackratError(f"--profiles names models not in --models: {', '.join(profiles)}")
+    for flag, left in (("--profiles", profiles), ("--sample", samples),
+                       ("--sample-content-type", types)):
+        if left:
+            raise PackratError(f"{flag} names models not in --models: {', '.join(left)}")
     return tuple(sources)
 
 
@@ -54,12 +64,12 @@ def _at_least(value, low, flag: str):
         raise PackratError(f"{flag} must be >= {low}, got {value}")
 
 
-def _pairs(text: str, flag: str):
+def _pairs(text: str, flag: str, form: str = "NAME=FILE"):
     out = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, value = part.partition("=")
         if not sep or not name or not value:
-            raise PackratError(f"{flag}: {part!r} is not NAME=FILE")
+            raise PackratError(f"{flag}: {part!r} is not {form}")
         out.append((name, value))
     return out
 

@@ -192,9 +192,10 @@ def extract_archive(mar_path: Path, dest: Path) -> Path:
 
 
 def check_model_dir(model_dir: Path, source: Path) -> None:
-    """Cheap checks that an unpacked archive is a Packrat one: a manifest naming its handler
-    and weights, the files it names, model.py and a valid packrat.json. ArchiveError naming
-    `source` (the .mar) otherwise. The weights themselves are read only when the model loads."""
+    """Cheap checks that an unpacked archive is one TorchServe can serve: a manifest naming a
+    handler, and the files it names; for an archive Packrat built also model.py and a valid
+    packrat.json. ArchiveError naming `source` (the .mar) otherwise. The weights themselves
+    are read only when the model loads."""
     _check_members(source, lambda name: (model_dir / name).is_file(),
                    lambda name: (model_dir / name).read_text(encoding="utf-8"))
 
@@ -228,17 +229,32 @@ def _check_members(source: Path, exists, read_text) -> None:
     except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
         raise ArchiveError(f"{source}: {MANIFEST_FILE} is not valid JSON ({e})") from None
     model = manifest.get("model") if isinstance(manifest, dict) else None
-    handler = model.get("handler") if isinstance(model, dict) else None
-    weights = model.get("serializedFile") if isinstance(model, dict) else None
-    if not (isinstance(handler, str) and handler and isinstance(weights, str) and weights):
-        raise ArchiveError(
-            f"{source}: {MANIFEST_FILE} names no model.handler and model.serializedFile; "
-            "build the archive with `packrat archive`"
-        )
+    if not isinstance(model, dict):
+        raise ArchiveError(f"{source}: {MANIFEST_FILE} has no model section; make the archive "
+                           "with torch-model-archiver")
+    handler = model.get("handler")
+    if not (isinstance(handler, str) and handler):
+        raise ArchiveError(f"{source}: {MANIFEST_FILE} names no handler; make the archive with "
+                           "torch-model-archiver --handler (a handler file, FILE:FUNCTION or a "
+                           "TorchServe default handler name)")
     handler_file = PurePosixPath(handler.split(":")[0])
     if handler_file.suffix != ".py":
         handler_file = handler_file.with_suffix(".py")
-    for name in (str(handler_file), weights, MODEL_FILE, SPEC_FILE):
+    # A handler without its file in the archive is a TorchServe default handler name
+    # (image_classifier, base_handler, ...): TorchServe's loader imports it from ts.torch_handler.
+    builtin = str(handler_file.with_suffix("")).isidentifier()
+    if not exists(str(handler_file)) and not builtin:
+        raise ArchiveError(f"{source}: the handler {handler!r} names {handler_file}, which the "
+                           "archive does not hold; make it again with torch-model-archiver")
+    for key in ("serializedFile", "modelFile"):
+        name = model.get(key)
+        if isinstance(name, str) and name and not exists(name):
+            raise ArchiveError(f"{source}: {MANIFEST_FILE} names {key} {name}, which the archive "
+                               "does not hold; make it again with torch-model-archiver")
+    if str(handler_file) != HANDLER_FILE and not exists(SPEC_FILE):
+        return  # the user's own archive: its handler knows what it needs
+    weights = model.get("serializedFile")
+    for name in (weights or DEFAULT_WEIGHTS_FILE, MODEL_FILE, SPEC_FILE):
         if not exists(name):
             raise ArchiveError(f"{source} has no {name}; rebuild it with `packrat archive`")
     try:

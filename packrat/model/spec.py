@@ -26,9 +26,15 @@ MANIFEST_FILE = "MAR-INF/MANIFEST.json"
 # Packrat's handler, shipped in the package `packrat.worker` and copied into each archive.
 HANDLER_FILE = "packrat_handler.py"
 HANDLER_PACKAGE = "packrat.worker"
-# In a version directory Packrat pins: the plan it serves and where its slot locks are, so a
-# worker finds both from its model directory alone, in any TorchServe.
+# In a version directory Packrat pins: the plan it serves, where its slot locks are and the
+# archive's own handler, so a worker finds all from its model directory alone, in any
+# TorchServe; and Packrat's entry point (package data of `packrat.worker`) that wraps it.
 WORKER_FILE = "packrat-worker.json"
+ENTRY_FILE = "packrat_entry.py"
+ENTRY_HANDLER = "packrat_entry:handle"
+# In every version directory: the archive's model-config.yaml (if any) with the version's
+# workers and batching; the manifest's configFile names it, the user's file stays as it was.
+VERSION_CONFIG_FILE = "packrat-model-config.yaml"
 
 # A 3x224x224 float32 image is 0.8 MB in the compact form and ~4 MB as a JSON list; 64 MiB
 # leaves room for big inputs while keeping one bad client from exhausting a worker's memory.

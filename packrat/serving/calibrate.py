@@ -39,6 +39,7 @@ from packrat.core.profile import Profile, read_profile
 from packrat.errors import PackratError
 from packrat.jsonfile import read_json, write_json
 from packrat.measure.foreign import ATTEMPTS, ForeignCpu, least_disturbed
+from packrat.model.sample import Sample
 
 
 def version_numbers(holder) -> Iterator[str]:
@@ -87,7 +88,7 @@ def cached_calibration(profile_path: Path, cores: int, max_batch_delay_ms: int
 
 
 def calibrated_profile(run, client, base_dir: Path, name: str, profile_path: Path,
-                       cores: tuple[int, ...], body: bytes, versions: Iterator[str], *,
+                       cores: tuple[int, ...], sample: Sample, versions: Iterator[str], *,
                        max_batch_delay_ms: int, say: Callable[[str], None] = lambda s: None,
                        watch: ForeignCpu | None = None, attempts: int = ATTEMPTS,
                        quiet_wait_s: float = 0.0) -> CalibratedProfile:
@@ -103,7 +104,7 @@ def calibrated_profile(run, client, base_dir: Path, name: str, profile_path: Pat
     profile = read_profile(profile_path)
 
     def measure() -> Calibration:
-        return calibrate(run, client, base_dir, name, profile, cores, body, versions,
+        return calibrate(run, client, base_dir, name, profile, cores, sample, versions,
                          max_batch_delay_ms=max_batch_delay_ms, say=say, watch=watch)
 
     if watch is None:
@@ -119,7 +120,7 @@ def calibrated_profile(run, client, base_dir: Path, name: str, profile_path: Pat
 
 
 def calibrate(run, client, base_dir: Path, name: str, profile: Profile, cores: tuple[int, ...],
-              body: bytes, versions: Iterator[str], *, max_batch_delay_ms: int = 10,
+              sample: Sample, versions: Iterator[str], *, max_batch_delay_ms: int = 10,
               target: int | None = None, min_seconds: float = 3.0, min_batches: int = 8,
               say: Callable[[str], None] = lambda s: None, watch=None) -> Calibration:
     """Serve each thread count's plan through TorchServe, measure it, delete it. target:
@@ -144,9 +145,9 @@ def calibrate(run, client, base_dir: Path, name: str, profile: Profile, cores: t
         say(f"{name}: calibrating {plan.describe()} through TorchServe (profiled {profiled:.1f} ms)")
         try:
             deploy_version(run, client, base_dir, name, version, plan,
-                           max_batch_delay_ms=max_batch_delay_ms, warm_body=body,
+                           max_batch_delay_ms=max_batch_delay_ms, warm=sample,
                            response_timeout_s=max(120, int(20 * profiled / 1000)))
-            served, foreign = _served_latency(client, name, version, body, instances * batch,
+            served, foreign = _served_latency(client, name, version, sample, instances * batch,
                                               max(min_seconds, min_batches * profiled / 1000),
                                               profiled, watch)
         finally:
@@ -159,7 +160,7 @@ def calibrate(run, client, base_dir: Path, name: str, profile: Profile, cores: t
     return Calibration(tuple(points))
 
 
-def _served_latency(client, name: str, version: str, body: bytes, clients: int,
+def _served_latency(client, name: str, version: str, sample: Sample, clients: int,
                     seconds: float, profiled_ms: float, watch=None) -> tuple[float, float]:
     """Median request latency of the version under `clients` closed-loop clients, and the
     foreign CPU (cores) meanwhile if watched."""
@@ -167,7 +168,8 @@ def _served_latency(client, name: str, version: str, body: bytes, clients: int,
 
     timeout = max(60.0, 20 * profiled_ms / 1000)
     m = measure_closed_loop(
-        lambda: client.predict(name, body, version=version, timeout_s=timeout), clients,
+        lambda: client.predict(name, sample.body, version=version, timeout_s=timeout,
+                               content_type=sample.content_type), clients,
         warmup_s=2 * profiled_ms / 1000 + 0.2,  # the clients fall into step
         seconds=seconds, timeout_s=timeout, watch=watch)
     latencies = m.latencies_ms()

@@ -44,6 +44,7 @@ from packrat.core.plan import ServedPlan
 from packrat.core.policy import PolicyParams, plan_for_batch
 from packrat.errors import PackratError, PlanError, TorchServeError
 from packrat.jsonfile import read_json, write_json
+from packrat.model.sample import Sample as RequestSample
 from packrat.serving.rundir import RunDir
 from packrat.serving.switch import Switch, SwitchContext, SwitchResult, SwitchSettings
 from packrat.torchserve import ServerProcess, TorchServeClient, is_running, stop_server
@@ -72,7 +73,7 @@ class ModelRuntime:
     base_dir: Path                 # the unpacked archive every version is made from
     optimizer: Optimizer
     cores: tuple[int, ...]
-    warm_body: bytes               # a valid request body, to warm new versions
+    warm: RequestSample            # a valid request, to warm new versions
     plan: ServedPlan | None = None
     auto: bool = True
     estimator: EstimatorState = field(default_factory=EstimatorState)
@@ -175,7 +176,7 @@ class Controller:
             self.queued.append(action)
             return None
         switch = self.switches[m.name] = Switch(self.ctx, action, m.plan, m.base_dir,
-                                                m.warm_body, on_promoted=self._promoted)
+                                                m.warm, on_promoted=self._promoted)
         switch.tick()
         return switch
 

@@ -22,6 +22,7 @@ from packrat.core.policy import plan_for_batch
 from packrat.errors import PackratError
 from packrat.jsonfile import read_json
 from packrat.measure.cpus import usable_cores
+from packrat.model.sample import Sample
 from packrat.serving.calibrate import (
     cached_calibration,
     calibrated_profile,
@@ -54,6 +55,7 @@ class ModelSource:
     name: str
     archive: Path
     profile: Path | None = None  # a profile CSV to use instead of measuring
+    sample: Sample | None = None  # one request as a client sends it (else the built-in example)
 
 
 @dataclass(frozen=True)
@@ -158,9 +160,9 @@ def _serve(options: ServeOptions, say) -> None:
 def _prepare_model(run: RunDir, src: ModelSource, cores, options: ServeOptions, say) -> ModelRuntime:
     p = prepare_model(run, src.name, src.archive, cores, max_batch=options.max_batch,
                       largest_b=options.initial_batch, say=say, profile_csv=src.profile,
-                      what_b="--initial-batch")
+                      what_b="--initial-batch", sample=src.sample)
     return ModelRuntime(name=p.name, base_dir=p.base_dir, optimizer=p.optimizer,
-                        cores=tuple(cores), warm_body=p.warm_body, profile_path=p.profile_path)
+                        cores=tuple(cores), warm=p.warm, profile_path=p.profile_path)
 
 
 def _calibrate(controller: Controller, m: ModelRuntime, origin: ServerOrigin, say) -> None:
@@ -176,7 +178,7 @@ def _calibrate(controller: Controller, m: ModelRuntime, origin: ServerOrigin, sa
     else:
         try:
             found = calibrated_profile(controller.run, controller.client, m.base_dir, m.name,
-                                       m.profile_path, m.cores, m.warm_body, version_numbers(m),
+                                       m.profile_path, m.cores, m.warm, version_numbers(m),
                                        max_batch_delay_ms=delay, say=say)
         except PackratError as e:  # serving matters more than a better plan
             say(f"{m.name}: calibration failed ({e}); planning with the profile as measured")

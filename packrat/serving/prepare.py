@@ -1,6 +1,7 @@
 """Getting a model ready to serve, before TorchServe starts: its archive extracted into the run
 directory, its profile measured (cached) or read, the optimizer for the cores it gets, and a
-valid request body to warm new versions with. `packrat serve` and `packrat bench` both use it.
+valid request to warm new versions with: the user's sample, or for an archive Packrat built
+its built-in example. `packrat serve` and `packrat bench` both use it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from packrat.measure.profiler import (
     default_threads,
     profile_archive,
 )
+from packrat.model.sample import Sample
 from packrat.serving.rundir import RunDir, check_model_name
 
 # Measures an archive: (archive, settings, progress=...) -> ProfileRun. The profiler's
@@ -34,19 +36,22 @@ class PreparedModel:
     base_dir: Path                # the archive extracted: every version is made from it
     optimizer: Optimizer
     profile_path: Path | None     # a profile Packrat measured (so it may calibrate it)
-    warm_body: bytes              # one valid request
+    warm: Sample                  # one valid request
 
 
 def prepare_model(run: RunDir, name: str, archive: Path, cores: tuple[int, ...], *,
                   max_batch: int, largest_b: int, say: Callable[[str], None],
                   profile_csv: Path | None = None, measure: Measure | None = None,
-                  what_b: str = "B") -> PreparedModel:
-    """profile_csv: a profile to use as given instead of measuring (the model is loaded once
-    here then, as the profiler would have, so bad weights fail now and not as TorchServe's
-    "Failed to start workers"). largest_b: the largest B the profile must serve (what_b
-    names it in the error)."""
+                  what_b: str = "B", sample: Sample | None = None,
+                  envelope: str | None = None) -> PreparedModel:
+    """profile_csv: a profile to use as given instead of measuring (an archive Packrat built
+    is loaded once here then, as the profiler would have, so bad weights fail now and not as
+    TorchServe's "Failed to start workers"). largest_b: the largest B the profile must serve
+    (what_b names it in the error). sample: one request as a client sends it; required for an
+    archive Packrat did not build, which is profiled and warmed with it. envelope: the
+    TorchServe service_envelope requests pass through."""
     from packrat.model.archive import extract_archive
-    from packrat.model.spec import ModelSpec
+    from packrat.model.spec import SPEC_FILE, ModelSpec
     from packrat.model.wire import encode_example
 
     name = check_model_name(name)
@@ -54,21 +59,30 @@ def prepare_model(run: RunDir, name: str, archive: Path, cores: tuple[int, ...],
     if not archive.exists():
         raise PackratError(f"model {name}: archive {archive} does not exist")
     base = extract_archive(archive, run.path / "archives" / name)
+    ours = (base / SPEC_FILE).is_file()
+    if sample is None and not ours:
+        raise PackratError(f"model {name}: {archive} was not built by Packrat and has no "
+                           f"built-in example; pass --sample {name}=FILE, one request body "
+                           "as a client sends it (an image, a text, a JSON file)")
     if profile_csv is not None:
         profile, measured = read_profile(profile_csv), None
         say(f"{name}: profile {profile_csv}")
-        _check_loads(name, archive, base)
+        if ours:
+            _check_loads(name, archive, base)
     else:
         settings = ProfileSettings(threads=default_threads(len(cores)), max_batch=max_batch)
-        result = (measure or profile_archive)(archive, settings, progress=_progress(name, say))
+        result = (measure or profile_archive)(archive, settings, progress=_progress(name, say),
+                                              sample=sample, envelope=envelope)
         profile, measured = result.profile, result.path
         say(f"{name}: profile {result.path}")
     opt = Optimizer(profile, len(cores))
     if largest_b > opt.max_servable:
         raise PackratError(f"{what_b} {largest_b}: the profile of {name} serves at most "
                            f"B = {opt.max_servable} on {len(cores)} cores")
-    body = json.dumps(encode_example(ModelSpec.load(base))).encode()
-    return PreparedModel(name, archive, base, opt, measured, body)
+    if sample is None:
+        body = json.dumps(encode_example(ModelSpec.load(base))).encode()
+        sample = Sample(body, "application/json", "the built-in example")
+    return PreparedModel(name, archive, base, opt, measured, sample)
 
 
 def _check_loads(name: str, archive: Path, base: Path) -> None:

@@ -31,6 +31,7 @@ from packrat.core.decide import SwitchTo
 from packrat.core.drain import Drain, observe_drain, start_drain
 from packrat.core.plan import ServedPlan
 from packrat.errors import PackratError, TorchServeError
+from packrat.model.sample import Sample
 from packrat.serving.rundir import RunDir
 from packrat.serving.versions import (
     WORKERS_TIMEOUT_S,
@@ -132,11 +133,11 @@ class Task:
 
 class Switch(Task):
     def __init__(self, ctx: SwitchContext, action: SwitchTo, old: ServedPlan | None,
-                 base_dir: Path, warm_body: bytes,
+                 base_dir: Path, warm: Sample,
                  on_promoted: Callable[["Switch"], None] = lambda s: None) -> None:
         self.action, self.old = action, old
         self.plan = action.plan
-        self.base_dir, self.warm_body = base_dir, warm_body
+        self.base_dir, self.warm = base_dir, warm
         self.on_promoted = on_promoted
         self.phase = Phase.WAITING
         self.started = ctx.clock()
@@ -168,7 +169,8 @@ class Switch(Task):
         try:
             self.phase = Phase.PREPARING
             url = yield from self._call(prepare_version, ctx.run, self.base_dir, name,
-                                        plan.version, plan)
+                                        plan.version, plan,
+                                        max_batch_delay_ms=s.max_batch_delay_ms)
             self.phase = Phase.REGISTERING
             yield from self._call(ctx.client.register, url, model_name=name,
                                   batch_size=plan.batch_size,
@@ -184,7 +186,7 @@ class Switch(Task):
                 yield from self._pause(s.poll_s)
             self.phase = Phase.WARMING
             yield from self._call(warm_version, ctx.client, name, plan.version,
-                                  plan.instances * plan.batch_size, self.warm_body)
+                                  plan.instances * plan.batch_size, self.warm)
             self.phase = Phase.PROMOTING
             yield from self._call(ctx.client.set_default, name, plan.version)
         except (PackratError, OSError) as e:

@@ -6,7 +6,6 @@ calibration and the benchmark.
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 import shutil
 import time
@@ -16,23 +15,37 @@ from importlib import resources
 from pathlib import Path
 
 from packrat.core.plan import Layout, ServedPlan
-from packrat.errors import PackratError
+from packrat.errors import ArchiveError, PackratError
 from packrat.jsonfile import write_json
-from packrat.model.spec import HANDLER_FILE, HANDLER_PACKAGE, WORKER_FILE
+from packrat.model.sample import Sample
+from packrat.model.spec import (
+    ENTRY_FILE,
+    ENTRY_HANDLER,
+    HANDLER_FILE,
+    HANDLER_PACKAGE,
+    WORKER_FILE,
+)
 from packrat.serving.rundir import RunDir
 from packrat.torchserve import TorchServeClient, make_version_dir
+from packrat.torchserve.versiondir import (
+    read_manifest,
+    write_manifest,
+    write_model_config,
+)
+from packrat.worker.slots import WorkerConfig
 
 WORKERS_TIMEOUT_S = 30.0  # from a READY registration to every worker pinned on its slot
 
 
 def deploy_version(run: RunDir, client: TorchServeClient, base_dir: Path, name: str,
-                   version: str, layout: Layout, *, max_batch_delay_ms: int, warm_body: bytes,
+                   version: str, layout: Layout, *, max_batch_delay_ms: int, warm: Sample,
                    response_timeout_s: int = 120, sleep: Callable[[float], None] = time.sleep,
                    clock: Callable[[], float] = time.monotonic) -> None:
     """Prepare, register, check and warm a version, blocking until it is ready to be the
     default (it does not become it). The caller cleans up a failure (retire_version). The
     controller runs the same steps one at a time without blocking (packrat.serving.switch)."""
-    url = prepare_version(run, base_dir, name, version, layout)
+    url = prepare_version(run, base_dir, name, version, layout,
+                          max_batch_delay_ms=max_batch_delay_ms)
     client.register(url, model_name=name, batch_size=layout.batch_size,
                     max_batch_delay_ms=max_batch_delay_ms, initial_workers=layout.instances,
                     response_timeout_s=response_timeout_s)
@@ -41,29 +54,44 @@ def deploy_version(run: RunDir, client: TorchServeClient, base_dir: Path, name: 
         if clock() > deadline:
             raise check.timeout_error(run)
         sleep(0.1)
-    warm_version(client, name, version, layout.instances * layout.batch_size, warm_body)
+    warm_version(client, name, version, layout.instances * layout.batch_size, warm)
 
 
-def prepare_version(run: RunDir, base_dir: Path, name: str, version: str,
-                    layout: Layout) -> str:
-    """Make the version's directory in the model store, with this Packrat's handler and (for
-    a pinned version) its plan and slot directory; return the url to register."""
+def prepare_version(run: RunDir, base_dir: Path, name: str, version: str, layout: Layout, *,
+                    max_batch_delay_ms: int) -> str:
+    """Make the version's directory in the model store from the extracted archive, never
+    touching the archive: its own model-config.yaml with the layout's workers and batching,
+    and for a pinned version Packrat's entry point around the archive's handler with the
+    plan and slot directory it reads. Return the url to register."""
     remove_version_files(run, name, version)  # a leftover of an interrupted switch
     url = make_version_dir(base_dir, run.model_store, name, version)
     dest = run.model_store / url
-    manifest = json.loads((dest / "MAR-INF" / "MANIFEST.json").read_text())
-    if manifest["model"].get("handler", "").split(":")[0] == HANDLER_FILE:
+    manifest = read_manifest(dest)
+    handler = manifest["model"].get("handler")
+    if not handler:
+        raise ArchiveError(f"{base_dir}: the archive's manifest names no handler; make it "
+                           "with torch-model-archiver --handler")
+    if handler.split(":")[0] == HANDLER_FILE:
         # Serve with the handler of this Packrat, whatever version built the archive.
-        target = dest / HANDLER_FILE
-        target.unlink(missing_ok=True)  # a hard link: never write through to the base
-        with resources.as_file(resources.files(HANDLER_PACKAGE) / HANDLER_FILE) as src:
-            shutil.copyfile(src, target)
+        _copy_package_file(HANDLER_FILE, dest)
+    write_model_config(dest, manifest, workers=layout.instances, batch_size=layout.batch_size,
+                       max_batch_delay_ms=max_batch_delay_ms)
     if isinstance(layout, ServedPlan):
         # before the workers start: each reads it from its model directory to claim a slot
         run.write_plan(layout)
-        write_json(dest / WORKER_FILE, {"plan": layout.to_json(),
-                                        "slot_dir": str(run.slot_dir(name, version))})
+        config = WorkerConfig(layout, run.slot_dir(name, version), handler)
+        write_json(dest / WORKER_FILE, config.to_json())
+        _copy_package_file(ENTRY_FILE, dest)
+        manifest["model"]["handler"] = ENTRY_HANDLER
+    write_manifest(dest, manifest)
     return url
+
+
+def _copy_package_file(name: str, dest: Path) -> None:
+    target = dest / name
+    target.unlink(missing_ok=True)  # a hard link: never write through to the base
+    with resources.as_file(resources.files(HANDLER_PACKAGE) / name) as src:
+        shutil.copyfile(src, target)
 
 
 @dataclass(frozen=True)
@@ -105,12 +133,14 @@ def check_workers(run: RunDir, client: TorchServeClient, name: str, version: str
     return WorkerCheck(name, version, len(pids), len(slots), instances, ready)
 
 
-def warm_version(client: TorchServeClient, name: str, version: str, n: int, body: bytes) -> None:
+def warm_version(client: TorchServeClient, name: str, version: str, n: int,
+                 warm: Sample) -> None:
     """Two rounds of full batches to every worker of the version before it takes traffic."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(n, 64)) as pool:
         for _ in range(2):
             replies = list(pool.map(
-                lambda _: client.predict(name, body, version=version, timeout_s=300), range(n)))
+                lambda _: client.predict(name, warm.body, version=version, timeout_s=300,
+                                         content_type=warm.content_type), range(n)))
             bad = [r.status_code for r in replies if r.status_code != 200]
             if bad:
                 raise PackratError(f"{name} version {version}: warm-up requests failed with "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from packrat.errors import ArchiveError, TorchServeError
 from packrat.model.archive import extract_archive
-from packrat.model.spec import MANIFEST_FILE
+from packrat.model.spec import MANIFEST_FILE, VERSION_CONFIG_FILE
 
 
 def make_version_dir(source: Path, model_store: Path, name: str, version: str) -> str:
@@ -40,11 +40,9 @@ def make_version_dir(source: Path, model_store: Path, name: str, version: str) -
             _link_tree(source, staging)
         else:
             extract_archive(source, staging)
-        manifest_path = staging / MANIFEST_FILE
-        manifest = json.loads(manifest_path.read_text())
+        manifest = read_manifest(staging)
         manifest["model"]["modelVersion"] = str(version)
-        manifest_path.unlink()  # may be a hard link to the source's manifest
-        manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+        write_manifest(staging, manifest)
         os.rename(staging, dest)
     except (ArchiveError, OSError, ValueError, KeyError, TypeError) as e:
         shutil.rmtree(staging, ignore_errors=True)
@@ -69,3 +67,43 @@ def _link_tree(source: Path, dest: Path) -> None:
             os.link(path, target)
         except OSError:
             shutil.copy2(path, target)
+
+
+def read_manifest(version_dir: Path) -> dict:
+    return json.loads((Path(version_dir) / MANIFEST_FILE).read_text())
+
+
+def write_manifest(version_dir: Path, manifest: dict) -> None:
+    path = Path(version_dir) / MANIFEST_FILE
+    path.unlink(missing_ok=True)  # may be a hard link to the source's manifest
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def write_model_config(version_dir: Path, manifest: dict, *, workers: int, batch_size: int,
+                       max_batch_delay_ms: int) -> None:
+    """Give the version its own model-config.yaml: the archive's (if its manifest names one)
+    with the workers and batching the version is registered with, since in TorchServe 0.12
+    the archive's minWorkers/maxWorkers/batchSize/maxBatchDelay override the register call's.
+    Every other key of the user's (responseTimeout, jobQueueSize, handler settings) is kept.
+    Sets manifest["model"]["configFile"]; the caller writes the manifest."""
+    import yaml
+
+    version_dir = Path(version_dir)
+    config: dict = {}
+    own = manifest["model"].get("configFile")
+    if own:
+        path = version_dir / own
+        try:
+            config = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ArchiveError(f"the archive's {own} does not load ({' '.join(str(e).split())[:200]})"
+                               "; fix it with torch-model-archiver --config-file") from None
+        if not isinstance(config, dict):
+            raise ArchiveError(f"the archive's {own} is not a YAML mapping; fix it with "
+                               "torch-model-archiver --config-file")
+    config.update(minWorkers=workers, maxWorkers=workers, batchSize=batch_size,
+                  maxBatchDelay=max_batch_delay_ms)
+    target = version_dir / VERSION_CONFIG_FILE
+    target.unlink(missing_ok=True)
+    target.write_text(yaml.safe_dump(config, sort_keys=False))
+    manifest["model"]["configFile"] = VERSION_CONFIG_FILE

@@ -7,6 +7,9 @@ installed in the worker's Python environment.
 Each request body is a JSON object mapping input names to values (see packrat.model.spec).
 A bad request is answered alone with HTTP 400 and `{"error": "..."}`; the rest of its batch
 is served and the worker stays up.
+
+Where Packrat pins a version, its entry point (packrat.worker.wrapper) has placed the worker
+on its cores and set its threads before this handler loads, as for any other handler.
 """
 
 import logging
@@ -15,11 +18,9 @@ import time
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from packrat.errors import PackratError, RequestError
-from packrat.measure.cpus import pin_process
+from packrat.errors import RequestError
 from packrat.model.loader import load_model
 from packrat.model.wire import decode_request
-from packrat.worker.slots import claim_slot, read_worker_config
 
 logger = logging.getLogger(__name__)
 
@@ -38,48 +39,14 @@ class PackratHandler(BaseHandler):
         # at a time): the number of requests and the error of each bad one, by index.
         self._n_requests = 0
         self._errors = {}
-        self.slot = None
-        self._slot_lock = None
 
     def initialize(self, context):
         self.context = context
         self.manifest = context.manifest
-        self._configure_threads(context)
         model_dir = context.system_properties["model_dir"]
         self.model, self.spec = load_model(model_dir)
         self.initialized = True
         logger.info("Packrat handler ready: %s with threads=%d", model_dir, torch.get_num_threads())
-
-    def _configure_threads(self, context):
-        """Claim a slot of the plan this version serves and pin to its cores, before the
-        model loads (so torch's thread pools start with the right size and affinity).
-
-        A version Packrat pins has WORKER_FILE in its directory: the plan and the directory
-        of one lock per slot; the first free slot is ours as long as this process lives.
-        Without it (TorchServe's default configuration in `packrat bench`) the worker runs
-        unpinned with torch's default threads.
-        """
-        model_dir = context.system_properties["model_dir"]
-        config = read_worker_config(model_dir)
-        if config is None:
-            logger.info("no Packrat plan in %s: running unpinned", model_dir)
-            return
-        plan = config.plan
-        for _ in range(50):  # a worker being replaced may still hold its slot for a moment
-            claim = claim_slot(config.slot_dir, len(plan.slots))
-            if claim is not None:
-                break
-            time.sleep(0.1)
-        else:
-            raise PackratError(
-                f"{plan.model} version {plan.version}: all {len(plan.slots)} slots are taken; "
-                "more workers than the plan has instances"
-            )
-        self.slot, self._slot_lock = claim  # the open file holds the lock for our lifetime
-        pin_process(plan.slots[self.slot])
-        _set_threads(plan.threads)
-        logger.info("%s v%s: slot %d, cores %s, %d threads", plan.model, plan.version, self.slot,
-                    plan.slots[self.slot], plan.threads)
 
     def preprocess(self, requests):
         """Decode every request; return the good ones stacked into one batch (may be empty)."""
@@ -145,15 +112,6 @@ class PackratHandler(BaseHandler):
             "request has no body; POST a JSON object mapping input names to values, "
             "with Content-Type: application/json"
         )
-
-
-def _set_threads(threads):
-    torch.set_num_threads(threads)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError as e:
-        # Torch allows it only once, before any inter-op work has started.
-        logger.warning("could not set inter-op threads to 1: %s", e)
 
 
 def _phrase(message):

@@ -10,24 +10,36 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from packrat.core.plan import ServedPlan
+from packrat.errors import ArchiveError
 from packrat.model.spec import WORKER_FILE
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """What a version directory tells its workers (WORKER_FILE)."""
+    """What a version directory tells its workers (WORKER_FILE): the plan, where its slot
+    locks are, and the archive's own handler that Packrat's entry point wraps."""
 
     plan: ServedPlan
     slot_dir: Path
+    handler: str
+
+    def to_json(self) -> dict:
+        return {"plan": self.plan.to_json(), "slot_dir": str(self.slot_dir),
+                "handler": self.handler}
 
 
-def read_worker_config(model_dir: Path) -> WorkerConfig | None:
-    """The plan and slot directory of the version in model_dir; None for an unpinned version."""
+def read_worker_config(model_dir: Path) -> WorkerConfig:
+    """The worker config of the version in model_dir."""
+    path = Path(model_dir) / WORKER_FILE
     try:
-        data = json.loads((Path(model_dir) / WORKER_FILE).read_text())
+        data = json.loads(path.read_text())
+        return WorkerConfig(ServedPlan.from_json(data["plan"]), Path(data["slot_dir"]),
+                            str(data["handler"]))
     except FileNotFoundError:
-        return None
-    return WorkerConfig(ServedPlan.from_json(data["plan"]), Path(data["slot_dir"]))
+        raise ArchiveError(f"{path} is missing: Packrat's entry point serves only version "
+                           "directories Packrat made") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ArchiveError(f"{path} is not a Packrat worker config ({e!r})") from None
 
 
 def claim_slot(slot_dir: Path, slots: int):
