@@ -414,7 +414,7 @@ def test_bad_model_name(tmp_path, capsys, small_cnn, command, name):
 def test_load_missing_body_file(tmp_path, capsys):
     result = run_cli(capsys, "load", "--run-dir", tmp_path / "run", "--model", "m",
                      "--body", tmp_path / "nope.json")
-    assert_one_line_error(*result, ["--body", "nope.json", "No such file"], command="load")
+    assert_one_line_error(*result, ["--body", "nope.json", "does not exist"], command="load")
 
 
 @pytest.mark.parametrize("content", ["[]", "{not json", '{"models": 3}'])

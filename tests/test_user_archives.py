@@ -5,13 +5,16 @@ answers exactly what plain TorchServe answers for the same archive; the .mar is 
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
 
+import psutil
 import pytest
 import yaml
 
+from packrat.measure.loadgen import ClosedLoop
 from packrat.model.spec import ENTRY_HANDLER, MANIFEST_FILE, VERSION_CONFIG_FILE
 from packrat.serving.rundir import RunDir
 from packrat.torchserve import TorchServeClient, load_settings
@@ -20,7 +23,6 @@ from tests.conftest import TORCHSERVE, has_torchserve, require_now
 from tests.serving import (
     CORES, N_SERVE, assert_pinned, packrat, status, wait_answered, wait_for,
 )
-from packrat.measure.loadgen import ClosedLoop
 
 pytestmark = pytest.mark.integration
 
@@ -136,3 +138,72 @@ def test_user_archive_served_switched_and_answered_as_plain_torchserve(serve_use
         kept = yaml.safe_load((RunDir(run).model_store / f"{kind}-v{now['version']}"
                                / VERSION_CONFIG_FILE).read_text())
         assert kept["responseTimeout"] == 77 and kept["handler"]["max_batch"] == limit
+
+
+# -- bad input: one line each, nothing left running, the user's files untouched ---------------
+
+@pytest.fixture(scope="module")
+def user_built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("user-archives")
+    return {"func_json": user_archives.build("func_json", out),
+            "cnn_png": user_archives.build("cnn_png", out),
+            "broken": user_archives.build_failing_init(out),
+            "nohandler": user_archives.build_no_handler(out)}
+
+
+def _serve_fails(tmp_path, *args):
+    """`packrat serve` with args: (exit code, its stderr's last line); TorchServe never ran."""
+    run = tmp_path / "run"
+    out = subprocess.run(
+        [sys.executable, "-m", "packrat.cli", "serve", "--run-dir", str(run), "--cores", "1",
+         "--no-calibrate", "--max-batch", "2", *map(str, args)],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PACKRAT_CACHE_DIR": str(tmp_path / "cache")})
+    assert out.returncode != 0, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("packrat serve: error: "), out.stderr
+    assert not (run / "torchserve" / "server.json").exists()  # no TorchServe was started
+    assert not [p for p in psutil.Process().children(recursive=True) if p.is_running()
+                and p.status() != psutil.STATUS_ZOMBIE]
+    return last
+
+
+def test_user_archive_without_sample_says_to_pass_one(tmp_path, user_built):
+    a = user_built["func_json"]
+    digest = _sha(a.mar)
+    last = _serve_fails(tmp_path, "--models", f"m={a.mar}")
+    assert "--sample m=FILE" in last and "not built by Packrat" in last
+    assert _sha(a.mar) == digest
+
+
+def test_archive_without_handler(tmp_path, user_built):
+    a = user_built["nohandler"]
+    last = _serve_fails(tmp_path, "--models", f"m={a.mar}", "--sample", f"m={a.sample}")
+    assert "names no handler" in last
+
+
+def test_sample_flags_checked(tmp_path, user_built):
+    a = user_built["func_json"]
+    last = _serve_fails(tmp_path, "--models", f"m={a.mar}", "--sample", f"m={tmp_path / 'no.json'}")
+    assert "does not exist" in last
+    last = _serve_fails(tmp_path, "--models", f"m={a.mar}", "--sample", f"x={a.sample}")
+    assert "--sample names models not in --models: x" in last
+    last = _serve_fails(tmp_path, "--models", f"m={a.mar}", "--sample-content-type",
+                        "m=application/json")
+    assert "give --sample m=FILE too" in last
+
+
+def test_handler_failing_in_initialize(tmp_path, user_built):
+    a = user_built["broken"]
+    digest = _sha(a.mar)
+    last = _serve_fails(tmp_path, "--models", f"m={a.mar}", "--sample", f"m={a.sample}")
+    assert "cannot initialize" in last
+    assert _sha(a.mar) == digest
+
+
+def test_sample_the_handler_rejects(tmp_path, user_built):
+    png = user_built["cnn_png"].sample
+    last = _serve_fails(tmp_path, "--models", f"m={user_built['func_json'].mar}", "--sample",
+                        f"m={png}")
+    assert "rejected the sample" in last

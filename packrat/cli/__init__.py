@@ -124,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     ld = sub.add_parser("load", help="closed-loop test load on a served model (loopback)")
     ld.add_argument("--run-dir", help=run_help)
     ld.add_argument("--model", required=True)
-    ld.add_argument("--body", required=True, help="request body file, e.g. NAME.example.json")
+    ld.add_argument("--body", required=True,
+                    help="request body file, e.g. NAME.example.json or the --sample of serve")
+    ld.add_argument("--content-type", help="of the body (default: from the file's extension)")
     ld.add_argument("--phases", default="1:10,8:20,1:10",
                     help="CLIENTS:SECONDS,... concurrent clients per phase (default 1:10,8:20,1:10)")
     ld.set_defaults(func=cmd_load)

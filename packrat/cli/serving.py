@@ -211,18 +211,19 @@ def cmd_load(args) -> int:
     import time
 
     from packrat.measure.loadgen import ClosedLoop
+    from packrat.model.sample import Sample
     from packrat.serving.rundir import RunDir, check_model_name
     from packrat.torchserve import TorchServeClient, load_settings
 
     check_model_name(args.model)
     phases = _phases(args.phases)
     try:
-        body = Path(args.body).read_bytes()
-    except OSError as e:
-        raise PackratError(f"--body {args.body}: {e.strerror or e}; give a request body file, "
-                           "e.g. NAME.example.json from `packrat archive`") from None
+        body = Sample.load(args.body, args.content_type)
+    except PackratError as e:
+        raise PackratError(f"--body: {e}; e.g. NAME.example.json from `packrat archive`") from None
     client = TorchServeClient(load_settings(RunDir(_run_dir(args)).torchserve))
-    load = ClosedLoop(lambda: client.predict(args.model, body, timeout_s=60))
+    load = ClosedLoop(lambda: client.predict(args.model, body.body, timeout_s=60,
+                                             content_type=body.content_type))
     done = 0
     try:
         for clients, seconds in phases:

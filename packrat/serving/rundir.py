@@ -4,9 +4,9 @@
     RUN/state.json                 per model: live version, estimate, auto/manual, counters
     RUN/packrat.log                the controller's log
     RUN/torchserve/                TorchServe's working directory (config, key_file.json, logs)
-    RUN/model_store/NAME-vN/       one unpacked archive per served version
+    RUN/model_store/NAME-vN/       one unpacked archive per served version, and in it
+          .packrat-slots/K.lock    flock held by the worker that claimed slot K; holds its pid
     RUN/plans/NAME/N.json          the plan version N serves: threads, batch size, cores per slot
-    RUN/slots/NAME/N/K.lock        flock held by the worker that claimed slot K; holds its pid
     RUN/requests/ID.json           `packrat reconfigure` asks; ID.result.json is the answer
 
 Everything is created readable by the user only. A worker finds its plan and slot directory in
@@ -74,7 +74,9 @@ class RunDir:
         return self.path / "plans" / model / f"{version}.json"
 
     def slot_dir(self, model: str, version: str) -> Path:
-        return self.path / "slots" / model / version
+        # in the version's directory: it lives and goes with the version, even after the
+        # controller and its run directory (a TorchServe Packrat attached to keeps serving)
+        return self.version_dir(model, version) / ".packrat-slots"
 
     def version_dir(self, model: str, version: str) -> Path:
         return self.model_store / f"{model}-v{version}"
