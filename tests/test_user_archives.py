@@ -88,14 +88,16 @@ def test_user_archive_served_switched_and_answered_as_plain_torchserve(serve_use
     digest = _sha(archive.mar)
     client = TorchServeClient(load_settings(RunDir(run).torchserve))
     first = status(run)["models"][kind]
-    assert_pinned(first, 1, 2)  # the plan for B = 1 on 2 cores
+    shape = first["plan"]["instances"]  # the plan for B = 1, from the profile measured
+    assert_pinned(first, len(shape), shape[0]["threads"])
 
     # Packrat's entry point wraps the user's handler in the version directory only.
     version_dir = RunDir(run).model_store / f"{kind}-v{first['version']}"
     manifest = json.loads((version_dir / MANIFEST_FILE).read_text())
     assert manifest["model"]["handler"] == ENTRY_HANDLER
     config = yaml.safe_load((version_dir / VERSION_CONFIG_FILE).read_text())
-    assert (config["minWorkers"], config["maxWorkers"], config["batchSize"]) == (1, 1, 1)
+    assert (config["minWorkers"], config["maxWorkers"], config["batchSize"]) == (len(shape),
+                                                                             len(shape), 1)
 
     # The same archive registered plain, without Packrat, in the same TorchServe.
     shutil.copy(archive.mar, RunDir(run).model_store / "plain.mar")

@@ -75,6 +75,9 @@ def prepare_model(run: RunDir, name: str, archive: Path, cores: tuple[int, ...],
                                               sample=sample, envelope=envelope)
         profile, measured = result.profile, result.path
         say(f"{name}: profile {result.path}")
+        if result.batch_limit is not None:
+            say(f"{name}: the handler takes batches of at most {result.batch_limit} "
+                f"({result.batch_limit_reason}); plans stay within it")
     opt = Optimizer(profile, len(cores))
     if largest_b > opt.max_servable:
         raise PackratError(f"{what_b} {largest_b}: the profile of {name} serves at most "
@@ -105,6 +108,8 @@ def _progress(name: str, say: Callable[[str], None], every_s: float = 5.0):
         now = time.monotonic()
         if ev.kind == "cached":
             say(f"{name}: profile cached ({ev.total} points)")
+        elif ev.kind == "limit":
+            say(f"{name}: b={ev.batch} fails in the handler; profiling stops at b={ev.limit}")
         elif ev.kind == "point" and (now - last[0] > every_s or ev.done == ev.total):
             last[0] = now
             say(f"{name}: profiling {ev.done}/{ev.total} t={ev.threads} b={ev.batch} "
