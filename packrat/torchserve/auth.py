@@ -79,12 +79,14 @@ class Keys:
                 except requests.RequestException as e:
                     raise TorchServeError(f"POST {url}?type={api} -> failed: {e}") from None
                 if r.status_code != 200:
-                    error = KeyRefused if is_token_refusal(r) else TorchServeError
-                    raise error(
+                    text = (
                         f"POST {r.url} -> {r.status_code}: {response_message(r)} (TorchServe refused "
                         f"the API key of {self.key_file} while renewing the {api} key; "
                         "restart the server)"
                     )
+                    if is_token_refusal(r):
+                        raise KeyRefused(text, response_message(r))
+                    raise TorchServeError(text)
                 keys = self._load()
             else:
                 logger.info("%s key refused: using the newer key in %s", api, self.key_file)
@@ -135,6 +137,10 @@ class NoKeys(TorchServeError):
 
 class KeyRefused(TorchServeError):
     """TorchServe refused a key of key_file.json, even after a refresh."""
+
+    def __init__(self, text: str, reason: str):
+        super().__init__(text)
+        self.reason = reason  # TorchServe's message
 
 
 def response_message(r: requests.Response) -> str:

@@ -206,6 +206,18 @@ class TorchServeClient:
         except TorchServeError as e:
             raise TorchServeError(f"GET {r.url} -> {r.status_code}: {e}") from None
 
+    # -- any call
+
+    def request(
+        self, api: str, method: str, path: str, *, params: dict[str, Any] | None = None,
+        timeout_s: float | None = None,
+    ) -> requests.Response:
+        """One call to an API ("inference", "management" or "metrics") with its key (a
+        refused key is refreshed once); the response whatever its status. Raises
+        TorchServeError when nothing answers, KeyRefused when the key stays refused, NoKeys
+        when the key file cannot be read."""
+        return self._request(api, method, path, params=params, timeout=timeout_s)
+
     # -- plumbing
 
     def _session(self) -> requests.Session:
@@ -279,7 +291,8 @@ class TorchServeClient:
             f"{method} {r.url} -> {r.status_code}: {response_message(r)} (the {api} key from "
             f"{self.key_file} was refused again after a refresh: the token is invalid or "
             "expired; check that this is the key file of the server, or restart the "
-            "server to get new keys)"
+            "server to get new keys)",
+            response_message(r),
         )
 
     def _checked(

@@ -322,6 +322,6 @@ def _set_properties(text: str, overrides: dict[str, str]) -> str:
             raw = line(key, left.pop(key))
         lines.append(raw)
     if left:
-        lines.append("# Set by packrat.torchserve")
+        lines.append("# Set by packrat.torchserve (ServerSettings.properties)")
         lines += [line(k, v) for k, v in left.items()]
     return "\n".join(lines) + "\n"

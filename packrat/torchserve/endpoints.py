@@ -120,17 +120,21 @@ class TlsPin:
             text = Path(path).read_text(encoding="ascii", errors="replace")
         except OSError as e:
             raise TorchServeError(f"{where}cannot read certificate {path}: {e.strerror}") from None
-        m = re.search(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", text, re.DOTALL)
         try:
-            if m is None:
-                raise ValueError("no PEM certificate")
-            der = ssl.PEM_cert_to_DER_cert(m.group(0))
+            return TlsPin.from_pem_text(text, str(path))
         except ValueError as e:
             raise TorchServeError(
                 f"{where}{path} holds no readable PEM certificate ({e}); give the server's "
                 "certificate_file (-----BEGIN CERTIFICATE-----)"
             ) from None
-        return TlsPin(hashlib.sha256(der).hexdigest(), str(path))
+
+    @staticmethod
+    def from_pem_text(text: str, source: str) -> TlsPin:
+        """The first certificate of a PEM text; ValueError if it holds none."""
+        m = re.search(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", text, re.DOTALL)
+        if m is None:
+            raise ValueError("no PEM certificate")
+        return TlsPin(hashlib.sha256(ssl.PEM_cert_to_DER_cert(m.group(0))).hexdigest(), source)
 
     def to_json(self) -> dict[str, str]:
         return {"sha256": self.sha256, "source": self.source}

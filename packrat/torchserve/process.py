@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,6 +34,7 @@ from packrat.torchserve.config import (
     render_config,
     write_state,
 )
+from packrat.torchserve.endpoints import ApiAddress
 from packrat.torchserve.java import find_java
 
 logger = logging.getLogger(__name__)
@@ -153,8 +155,21 @@ def _healthy(client: TorchServeClient) -> bool:
     if client.key_file is not None and read_key_file(client.key_file) is None:
         return False  # not written yet (or caught half-written)
     try:
-        return client.ping()
+        if not client.ping():
+            return False
     except TorchServeError:
+        return False
+    # The frontend binds inference first: /ping can answer before the management and metrics
+    # listeners are up (0.5-1 s later with a keystore to load, measured).
+    endpoints = client.endpoints
+    return all(_listening(a) for a in (endpoints.management, endpoints.metrics))
+
+
+def _listening(address: ApiAddress) -> bool:
+    try:
+        with socket.create_connection((address.connect_host, address.port), timeout=1):
+            return True
+    except OSError:
         return False
 
 
