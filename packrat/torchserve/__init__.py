@@ -3,6 +3,13 @@
 Modules:
 - `config`: Ports, ServerSettings, the config.properties and log4j2.xml rendered from the
   templates (package data), the server.json state file and `load_settings(workdir)`.
+- `endpoints`: ApiAddress (scheme, host, port of one API), TlsPin (the certificate an https
+  server must present) and Endpoints (what a client needs: three addresses, key file, pin).
+- `userconfig`: `read_user_config(path)` parses a user's config.properties as Java does;
+  `settings_for(config, workdir=, model_store=)` keeps their settings, adds what Packrat
+  needs and returns the ServerSettings with warnings (packrat serve --ts-config).
+- `attach`: `attached_server(...)` describes a TorchServe the user started, and
+  `check_attached(server)` checks that Packrat can manage it (packrat serve --attach).
 - `process`: `start_server(settings)` renders the config into `settings.workdir`, launches
   `torchserve --start --foreground --ncs` there and waits for `/ping`; `find_server(workdir)`
   lets another process reconnect; `stop_server` stops it and verifies that nothing of it is
@@ -114,16 +121,26 @@ Metrics (metrics_mode=prometheus, metrics port, no token)
 """
 
 
+from packrat.torchserve.attach import (
+    REQUEST_COUNTERS,
+    AttachCheck,
+    AttachedServer,
+    attached_server,
+    check_attached,
+)
+from packrat.torchserve.auth import KeyRefused
 from packrat.torchserve.client import TorchServeClient, VersionInfo, WorkerInfo
 from packrat.torchserve.config import (
     KEY_FILE,
     MAX_SOCKET_PATH,
     SERVER_FILE,
     TEMPLATES,
+    Listener,
     Ports,
     ServerSettings,
     load_settings,
 )
+from packrat.torchserve.endpoints import ApiAddress, Endpoints, TlsPin
 from packrat.torchserve.java import Java, find_java
 from packrat.torchserve.metrics import parse_metrics, worker_cpu_seconds
 from packrat.torchserve.process import (
@@ -135,27 +152,49 @@ from packrat.torchserve.process import (
     stop_server,
     torchserve_command,
 )
+from packrat.torchserve.userconfig import (
+    Property,
+    UserConfig,
+    UserSettings,
+    read_user_config,
+    settings_for,
+)
 from packrat.torchserve.versiondir import make_version_dir
 
 __all__ = [
     "KEY_FILE",
     "MAX_SOCKET_PATH",
+    "REQUEST_COUNTERS",
     "SERVER_FILE",
     "TEMPLATES",
+    "ApiAddress",
+    "AttachCheck",
+    "AttachedServer",
+    "Endpoints",
     "Java",
+    "KeyRefused",
+    "Listener",
     "Ports",
+    "Property",
     "ServerProcess",
     "ServerSettings",
+    "TlsPin",
     "TorchServeClient",
+    "UserConfig",
+    "UserSettings",
     "VersionInfo",
     "WorkerInfo",
+    "attached_server",
+    "check_attached",
     "find_java",
     "find_server",
     "is_running",
     "load_settings",
     "make_version_dir",
     "parse_metrics",
+    "read_user_config",
     "server_processes",
+    "settings_for",
     "start_server",
     "stop_server",
     "torchserve_command",
