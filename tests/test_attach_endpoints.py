@@ -42,9 +42,9 @@ class UserServer:
         return f"http://127.0.0.1:{self.ports.as_dict()[api]}"
 
     def attached(self, **overrides) -> AttachedServer:
-        args = dict(management=self.url("management"), inference=self.url("inference"),
-                    metrics=self.url("metrics"), model_store=self.store,
-                    key_file=self.cwd / "key_file.json")  # fmt: skip
+        args = {"management": self.url("management"), "inference": self.url("inference"),
+                "metrics": self.url("metrics"), "model_store": self.store,
+                "key_file": self.cwd / "key_file.json"}  # fmt: skip
         return attached_server(**{**args, **overrides})
 
 
@@ -94,11 +94,11 @@ def user_env(cwd: Path) -> dict[str, str]:
 def stop_user_torchserve(server: UserServer) -> None:
     assert psutil.pid_exists(server.pid), "the attached server was stopped by something else"
     subprocess.run([torchserve_command(), "--stop"], cwd=server.cwd, env=user_env(server.cwd),
-                   stdin=subprocess.DEVNULL, capture_output=True, timeout=60)  # fmt: skip
+                   stdin=subprocess.DEVNULL, capture_output=True, timeout=60, check=False)  # fmt: skip
     try:
         proc = psutil.Process(server.pid)
         children = proc.children(recursive=True)
-        gone, alive = psutil.wait_procs([proc, *children], timeout=30)
+        _gone, alive = psutil.wait_procs([proc, *children], timeout=30)
         for p in alive:
             p.kill()
     except psutil.NoSuchProcess:
@@ -243,7 +243,7 @@ def test_a_read_only_model_store(theirs):
     mode = theirs.store.stat().st_mode
     theirs.store.chmod(0o555)
     try:
-        child = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        child = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
     finally:
         theirs.store.chmod(mode)
     assert child.returncode == 1, child.stderr

@@ -154,17 +154,17 @@ def test_settings_keep_the_users_and_warn_where_defaults_weaken(tmp_path):
     assert s.model_store == tmp_path / "store"
     assert all("\n" not in w for w in got.warnings)
     assert got.warnings == (
-        f"inference_address=http://0.0.0.0:{free.inference} ({where}:1) listens on every "
+        (f"inference_address=http://0.0.0.0:{free.inference} ({where}:1) listens on every "
         "interface: other machines can reach the inference API (Packrat binds 127.0.0.1 by "
-        "default)",
-        f"disable_token_authorization=true ({where}:3): the inference and management APIs take "
-        "no token, so anyone who reaches them can register and delete models",
-        f"enable_model_api=false ({where}:4) is overridden with enable_model_api=true: Packrat "
-        "registers and switches model versions",
-        f"metrics_mode=log ({where}:5) is overridden with metrics_mode=prometheus: Packrat's "
-        "estimator reads the request counters",
-        f"model_store=/srv/models ({where}:6) is replaced by Packrat's model store "
-        f"{tmp_path / 'store'}",
+        "default)"),
+        (f"disable_token_authorization=true ({where}:3): the inference and management APIs take "
+        "no token, so anyone who reaches them can register and delete models"),
+        (f"enable_model_api=false ({where}:4) is overridden with enable_model_api=true: Packrat "
+        "registers and switches model versions"),
+        (f"metrics_mode=log ({where}:5) is overridden with metrics_mode=prometheus: Packrat's "
+        "estimator reads the request counters"),
+        (f"model_store=/srv/models ({where}:6) is replaced by Packrat's model store "
+        f"{tmp_path / 'store'}"),
         f"load_models=all ({where}:9) is left out: Packrat registers the models it serves",
     )
     # Nothing to say about a config that keeps Packrat's defaults.
@@ -172,8 +172,8 @@ def test_settings_keep_the_users_and_warn_where_defaults_weaken(tmp_path):
 
 
 @pytest.mark.parametrize("line, message", [
-    ("inference_address=ftp://127.0.0.1:80", r"inference_address in .*:1: 'ftp://127\.0\.0\.1:80' "
-                                             r"is not an http:// or https:// address"),
+    ("inference_address=ftp://127.0.0.1:80", (r"inference_address in .*:1: 'ftp://127\.0\.0\.1:80' "
+                                             r"is not an http:// or https:// address")),
     ("management_address=unix:/tmp/ts.sock", "unix sockets are not supported"),
     ("metrics_address=http://127.0.0.1:99999", "port 99999 .* is not in 1..65535"),
     ("grpc_inference_port=seven", "grpc_inference_port in .*:1: 'seven' is not a port"),
@@ -283,7 +283,7 @@ def openssl_certificate(directory: Path, name: str) -> tuple[Path, Path]:
 @needs_torchserve
 @require(shutil.which("openssl"), "openssl (to make a test certificate)")
 def test_https_with_a_certificate_for_another_name(tmp_path):
-    key, cert = openssl_certificate(tmp_path, "not-this-host.example")
+    _key, cert = openssl_certificate(tmp_path, "not-this-host.example")
     (tmp_path / "store").mkdir()
     free = Ports.free()
     settings = user_settings(tmp_path, (
