@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     run_help = "run directory (default: $XDG_RUNTIME_DIR/packrat or ~/.local/state/packrat/run)"
     sv = sub.add_parser("serve", help="run TorchServe under Packrat, reconfiguring it as load changes")
     sv.add_argument("--models", required=True, help="NAME=FILE.mar[,NAME2=FILE2.mar]")
-    sv.add_argument("--model-store", help="directory the .mar paths are relative to")
+    sv.add_argument("--model-store", help="directory the .mar paths are relative to; with "
+                    "--attach, that TorchServe's model store, where Packrat writes versions")
     sv.add_argument("--profiles", help="NAME=PROFILE.csv[,...]: use these profiles instead of measuring")
     sv.add_argument("--sample", help="NAME=FILE[,...]: one request body as a client sends it "
                     "(an image, a text, a JSON file), to profile and warm NAME with; needed for "
@@ -90,6 +91,22 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--inference-port", type=int)
     sv.add_argument("--management-port", type=int)
     sv.add_argument("--metrics-port", type=int)
+    sv.add_argument("--ts-config", metavar="FILE",
+                    help="start TorchServe from your config.properties: your ports, TLS, queues "
+                         "and envelope are kept; Packrat adds its model store, the model API "
+                         "and Prometheus metrics")
+    sv.add_argument("--attach", action="store_true",
+                    help="manage a TorchServe you started on this host (give --management, "
+                         "--inference, --metrics and --model-store); it is never restarted, "
+                         "and `packrat stop` leaves it serving the live plan")
+    sv.add_argument("--management", metavar="URL", help="with --attach: its management API")
+    sv.add_argument("--inference", metavar="URL", help="with --attach: its inference API")
+    sv.add_argument("--metrics", metavar="URL", help="with --attach: its metrics API")
+    sv.add_argument("--key-file", metavar="FILE",
+                    help="with --attach: the key_file.json it wrote (omit if it runs with "
+                         "token authorization off)")
+    sv.add_argument("--certificate", metavar="FILE",
+                    help="with --attach and https URLs: the certificate it presents")
     sv.add_argument("--run-dir", help=run_help)
     sv.add_argument("--max-batch", type=int, default=32, help="largest batch to profile (default 32)")
     sv.add_argument("--initial-batch", type=int, default=1, help="B to plan for at start (default 1)")

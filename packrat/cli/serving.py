@@ -58,6 +58,41 @@ def _model_sources(args):
     return tuple(sources)
 
 
+def _server_source(args):
+    """(attached server, user config): the TorchServe to manage, from --attach and its URLs,
+    or the config.properties to start one from (--ts-config); checked before anything runs."""
+    from packrat.torchserve.attach import attached_server
+    from packrat.torchserve.userconfig import read_user_config
+
+    ports = [f"--{f.replace('_', '-')}" for f in ("inference_port", "management_port",
+                                                  "metrics_port") if getattr(args, f)]
+    urls = {"--management": args.management, "--inference": args.inference,
+            "--metrics": args.metrics}
+    if not args.attach:
+        given = [flag for flag, value in {**urls, "--key-file": args.key_file,
+                                          "--certificate": args.certificate}.items() if value]
+        if given:
+            raise PackratError(f"{given[0]} is for --attach; add --attach to manage a "
+                               "TorchServe you started")
+        if args.ts_config and ports:
+            raise PackratError(f"{ports[0]}: with --ts-config the ports come from "
+                               f"{args.ts_config}; set them there")
+        return None, (read_user_config(Path(args.ts_config)) if args.ts_config else None)
+    refused = ports + (["--ts-config"] if args.ts_config else [])
+    if refused:
+        raise PackratError(f"{refused[0]} does not go with --attach: the TorchServe you "
+                           "started has its own ports and config")
+    missing = [flag for flag, value in {**urls, "--model-store": args.model_store}.items()
+               if not value]
+    if missing:
+        raise PackratError(f"--attach needs {', '.join(missing)}: the URLs of the TorchServe "
+                           "you started and its model store")
+    return attached_server(management=args.management, inference=args.inference,
+                           metrics=args.metrics, model_store=Path(args.model_store),
+                           key_file=Path(args.key_file) if args.key_file else None,
+                           certificate=Path(args.certificate) if args.certificate else None), None
+
+
 def _at_least(value, low, flag: str):
     """value (None: not given) must be >= low."""
     if value is not None and value < low:
@@ -100,6 +135,7 @@ def cmd_serve(args) -> int:
         port = getattr(args, flag)
         if port is not None and not 1 <= port <= 65535:
             raise PackratError(f"--{flag.replace('_', '-')} {port} is not a TCP port (1..65535)")
+    attach, ts_config = _server_source(args)
     models = _model_sources(args)
     ports = None
     if args.inference_port or args.management_port or args.metrics_port:
@@ -110,6 +146,7 @@ def cmd_serve(args) -> int:
         run_dir=run_dir, models=models, cores=args.cores, ports=ports,
         max_batch=args.max_batch, initial_batch=args.initial_batch, calibrate=not args.no_calibrate,
         controller=ControllerParams(interval_s=args.interval, max_batch_delay_ms=args.max_batch_delay),
+        ts_config=ts_config, attach=attach,
     )
     print(f"run directory: {options.run_dir}", file=sys.stderr)
     serve(options, say=lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -132,7 +169,9 @@ def cmd_status(args) -> int:
         return 0
     if not report.controller_pid:
         print("no packrat controller runs on this run directory; its last state:")
-    print(f"controller pid {report.controller_pid or '-'}, TorchServe pid {report.torchserve_pid or '-'}"
+    server = (f"TorchServe attached at {report.attached}" if report.attached
+              else f"TorchServe pid {report.torchserve_pid or '-'}")
+    print(f"controller pid {report.controller_pid or '-'}, {server}"
           + (f", restarted {report.torchserve_restarts} times" if report.torchserve_restarts else ""))
     if report.torchserve_event:
         print(f"  {report.torchserve_event}")
@@ -213,7 +252,6 @@ def cmd_load(args) -> int:
     from packrat.measure.loadgen import ClosedLoop
     from packrat.model.sample import Sample
     from packrat.serving.rundir import RunDir, check_model_name
-    from packrat.torchserve import TorchServeClient, load_settings
 
     check_model_name(args.model)
     phases = _phases(args.phases)
@@ -221,7 +259,7 @@ def cmd_load(args) -> int:
         body = Sample.load(args.body, args.content_type)
     except PackratError as e:
         raise PackratError(f"--body: {e}; e.g. NAME.example.json from `packrat archive`") from None
-    client = TorchServeClient(load_settings(RunDir(_run_dir(args)).torchserve))
+    client = RunDir(_run_dir(args)).client()
     load = ClosedLoop(lambda: client.predict(args.model, body.body, timeout_s=60,
                                              content_type=body.content_type))
     done = 0

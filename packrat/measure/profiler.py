@@ -51,7 +51,7 @@ from packrat.core.profile import (
 from packrat.errors import PlanError, ProfilerError
 from packrat.measure.archive_dir import OpenedArchive, is_packrat_built, open_archive
 from packrat.measure.cpus import cpu_model, usable_cores
-from packrat.model.archive import archive_digest
+from packrat.model.archive import archive_digest, check_archive
 from packrat.model.sample import Sample
 
 log = logging.getLogger(__name__)
@@ -180,6 +180,7 @@ def profile_archive(
     settings = replace(settings, threads=tuple(sorted(set(settings.threads), reverse=True)))
     validate_settings(settings, cores)
     digest = archive_digest(archive)  # also checks that the archive exists
+    check_archive(archive)  # what TorchServe needs, and Packrat's files if it names its handler
     if sample is None and not is_packrat_built(archive):
         raise ProfilerError(
             f"{archive} was not built by Packrat and has no built-in example: pass --sample "

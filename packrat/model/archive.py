@@ -249,8 +249,8 @@ def _check_members(source: Path, exists, read_text) -> None:
     for key in ("serializedFile", "modelFile"):
         name = model.get(key)
         if isinstance(name, str) and name and not exists(name):
-            raise ArchiveError(f"{source}: {MANIFEST_FILE} names {key} {name}, which the archive "
-                               "does not hold; make it again with torch-model-archiver")
+            raise ArchiveError(f"{source} has no {name}, which {MANIFEST_FILE} names as {key}; "
+                               "make it again with torch-model-archiver (or `packrat archive`)")
     if str(handler_file) != HANDLER_FILE and not exists(SPEC_FILE):
         return  # the user's own archive: its handler knows what it needs
     weights = model.get("serializedFile")

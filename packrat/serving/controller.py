@@ -90,8 +90,10 @@ class ModelRuntime:
 
 class Controller:
     """server and restart_server: the TorchServe this controller watches and how to start it
-    again (None: nothing is watched, as in tests of the switch alone). pool runs the blocking
-    calls of switches; clock and sleep are injected so that tests run without real time."""
+    again (None: nothing is watched, as in tests of the switch alone). attached: the
+    TorchServe is the user's (packrat serve --attach): it is watched through /ping and never
+    restarted. pool runs the blocking calls of switches; clock and sleep are injected so
+    that tests run without real time."""
 
     def __init__(self, run: RunDir, client: TorchServeClient,
                  params: ControllerParams = ControllerParams(),
@@ -100,7 +102,7 @@ class Controller:
                  sleep: Callable[[float], None] | None = None,
                  server: ServerProcess | None = None,
                  restart_server: Callable[[], ServerProcess] | None = None,
-                 pool: Executor | None = None):
+                 pool: Executor | None = None, attached: bool = False):
         self.run, self.client, self.params = run, client, params
         self.clock, self.wall = clock, wall
         # Set by a signal handler: a plain flag, no lock (an Event's set() from a handler that
@@ -114,6 +116,8 @@ class Controller:
         self.server_restarts = 0
         self.server_event: str | None = None  # the last thing that happened to TorchServe
         self.server_retry_at = 0.0
+        self.attached = attached
+        self.down_since: float | None = None  # wall time the attached TorchServe stopped answering
         self.next_sample = 0.0
         self.ctx = SwitchContext(
             run, client, pool or ThreadPoolExecutor(8, thread_name_prefix="packrat-switch"),
@@ -259,6 +263,8 @@ class Controller:
         workers with it; restart it with the same settings and serve every model's plan
         again, as a new version (the old one's files and slots are stale). The restart itself
         blocks (nothing can be served meanwhile); the switches that follow do not."""
+        if self.attached:
+            return self._attached_up()
         if self.server is None or self.restart_server is None or is_running(self.server):
             return True
         if self.clock() < self.server_retry_at:
@@ -267,10 +273,7 @@ class Controller:
         self.server_event = (f"TorchServe frontend (pid {dead}) exited at {_hms(self.wall())}; "
                              "restarting it")
         log.error("%s", self.server_event)
-        for switch in self.switches.values():
-            switch.abort("TorchServe exited")
-            self._finished(switch)
-        self.switches.clear()
+        self._abort_switches("TorchServe exited")
         self.save_state()
         try:
             stop_server(self.server)  # what is left of it: workers still holding slot locks
@@ -283,8 +286,28 @@ class Controller:
             self.save_state()
             return False
         self.server_restarts += 1
+        restoring = self._restore_all()
+        self.server_event = (f"TorchServe frontend (pid {dead}) exited at {_hms(self.wall())}; "
+                             f"restarted as pid {self.server.frontend_pid}, serving "
+                             f"{', '.join(restoring) or 'nothing (see last_error)'} again")
+        log.warning("%s", self.server_event)
+        self.save_state()
+        return True
+
+    def _abort_switches(self, why: str) -> None:
+        for switch in self.switches.values():
+            switch.abort(why)
+            self._finished(switch)
+        self.switches.clear()
+
+    def _restore_all(self, only_missing: bool = False) -> list[str]:
+        """Serve every model's plan again as a new version (only_missing: only the models
+        whose live version TorchServe no longer has); what was restored, described."""
         restoring = []
         for m in self.models.values():
+            if only_missing and m.plan is not None and any(
+                    v.version == m.plan.version for v in self.client.versions(m.name)):
+                continue
             # The old version died with the frontend; the switch finds it gone and removes
             # its files. Until the new one serves, status shows the old plan without pids.
             old = m.plan
@@ -299,11 +322,44 @@ class Controller:
                     continue
             self.start_switch(SwitchTo(plan, Reason.RESTORE))
             restoring.append(f"{m.name} {plan.describe()}")
-        self.server_event = (f"TorchServe frontend (pid {dead}) exited at {_hms(self.wall())}; "
-                             f"restarted as pid {self.server.frontend_pid}, serving "
-                             f"{', '.join(restoring) or 'nothing (see last_error)'} again")
-        log.warning("%s", self.server_event)
-        self.save_state()
+        return restoring
+
+    def _attached_up(self) -> bool:
+        """The user's TorchServe answers /ping (looked at once per interval). One that stops
+        answering is reported and waited for: Packrat never restarts a TorchServe it did not
+        start. Once it answers again, models whose version it lost (it was restarted) are
+        served again as new versions."""
+        now = self.clock()
+        if now < self.server_retry_at:
+            return self.down_since is None
+        self.server_retry_at = now + self.params.interval_s
+        try:
+            alive = self.client.ping()
+        except PackratError:  # e.g. its key file is gone with it
+            alive = False
+        if not alive:
+            if self.down_since is None:
+                self.down_since = self.wall()
+                self.server_event = (f"the attached TorchServe stopped answering at "
+                                     f"{_hms(self.down_since)}; waiting for it (Packrat does not "
+                                     "restart a TorchServe it did not start)")
+                log.error("%s", self.server_event)
+                self._abort_switches("the attached TorchServe stopped answering")
+                self.save_state()
+            return False
+        if self.down_since is not None:
+            self.down_since = None
+            try:
+                restoring = self._restore_all(only_missing=True)
+            except PackratError as e:  # it went away again: look at the next interval
+                log.warning("the attached TorchServe answers again, but: %s", e)
+                self.down_since = self.wall()
+                return False
+            self.server_event = (f"the attached TorchServe answers again since "
+                                 f"{_hms(self.wall())}" + (f"; serving {', '.join(restoring)} "
+                                                           "again" if restoring else ""))
+            log.warning("%s", self.server_event)
+            self.save_state()
         return True
 
     # -- manual requests (`packrat reconfigure`) --------------------------------------------

@@ -32,6 +32,7 @@ from packrat.serving.controller import Controller, ControllerParams, ModelRuntim
 from packrat.serving.prepare import prepare_model
 from packrat.serving.rundir import ControllerLock, RunDir
 from packrat.serving.switch import Retire, drive
+from packrat.serving.versions import retire_version
 from packrat.torchserve import (
     Ports,
     ServerSettings,
@@ -41,6 +42,8 @@ from packrat.torchserve import (
     start_server,
     stop_server,
 )
+from packrat.torchserve.attach import AttachedServer, check_attached
+from packrat.torchserve.userconfig import UserConfig, settings_for
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,7 @@ log = logging.getLogger(__name__)
 class ServerOrigin(Enum):
     STARTED = "started"   # by this controller
     ADOPTED = "adopted"   # left running by a controller that died; it serves live traffic
+    ATTACHED = "attached"  # the user's (serve --attach): never started, stopped or restarted
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,8 @@ class ServeOptions:
     initial_batch: int = 1
     calibrate: bool = True        # scale measured profiles by served latency (packrat.serving.calibrate)
     controller: ControllerParams = ControllerParams()
+    ts_config: UserConfig | None = None     # the user's config.properties to start TorchServe from
+    attach: AttachedServer | None = None    # manage this TorchServe instead of starting one
 
 
 def serve(options: ServeOptions, say: Callable[[str], None] = lambda s: None) -> None:
@@ -103,29 +109,24 @@ def _serve(options: ServeOptions, say) -> None:
         if not 1 <= n <= len(all_cores):
             raise PackratError(f"--cores {n}: this process may use 1..{len(all_cores)} cores")
         cores = all_cores[:n]
-        runtimes = [_prepare_model(run, src, cores, options, say) for src in options.models]
+        if options.attach is not None:
+            _check_attached(run, options.attach, say)  # before the long profiling
+        else:
+            run.set_attached(None)
+        envelope = options.ts_config.service_envelope if options.ts_config else None
+        runtimes = [_prepare_model(run, src, cores, options, say, envelope)
+                    for src in options.models]
         if stop["flag"]:
             return
 
-        server = find_server(run.torchserve)
-        origin = ServerOrigin.ADOPTED if server is not None else ServerOrigin.STARTED
-        if server is not None:
-            settings = load_settings(run.torchserve)
-            say(f"adopting TorchServe (pid {server.frontend_pid}) of {run.path}")
+        if options.attach is not None:
+            origin = ServerOrigin.ATTACHED
+            controller = Controller(run, options.attach.client(), options.controller,
+                                    attached=True)
         else:
-            run.state_file.unlink(missing_ok=True)  # a past run's: nothing of it is live
-            settings = ServerSettings(
-                workdir=run.torchserve, model_store=run.model_store,
-                ports=options.ports or Ports.free(),
-            )
-            server = start_server(settings)
-            say(f"TorchServe: inference http://127.0.0.1:{settings.ports.inference}, "
-                f"management http://127.0.0.1:{settings.ports.management}, "
-                f"metrics http://127.0.0.1:{settings.ports.metrics} (token: "
-                f"{run.torchserve / 'key_file.json'})")
-        client = TorchServeClient(settings)
-        controller = Controller(run, client, options.controller, server=server,
-                                restart_server=lambda: start_server(settings))
+            server, settings, origin = _start_or_adopt(run, options, say)
+            controller = Controller(run, TorchServeClient(settings), options.controller,
+                                    server=server, restart_server=lambda: start_server(settings))
         for m in runtimes:
             controller.models[m.name] = m
             if options.calibrate and m.profile_path is not None:
@@ -140,15 +141,19 @@ def _serve(options: ServeOptions, say) -> None:
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
+        if controller is not None and options.attach is not None:
+            _leave_attached(controller)
         if controller is not None:
             server = controller.server  # it may have restarted TorchServe
             controller.ctx.pool.shutdown(wait=False, cancel_futures=True)  # switches under way
-        if server is not None:
+        if options.attach is not None:
+            pass  # the user's TorchServe serves on, with its live version's files and plan
+        elif server is not None:
             # log, not say: stderr may be a pipe whose reader is gone, and a failed write
             # here must not leave TorchServe running
             log.info("stopping TorchServe")
             stop_server(server)
-        if server is not None or find_server(run.torchserve) is None:
+        if options.attach is None and (server is not None or find_server(run.torchserve) is None):
             # never the files of a TorchServe that still serves (a controller that failed
             # before adopting it leaves it as it found it)
             _clear_versions(run)
@@ -157,10 +162,65 @@ def _serve(options: ServeOptions, say) -> None:
         handler.close()
 
 
-def _prepare_model(run: RunDir, src: ModelSource, cores, options: ServeOptions, say) -> ModelRuntime:
+def _check_attached(run: RunDir, server: AttachedServer, say) -> None:
+    check = check_attached(server)
+    run.set_attached(server)
+    say(f"attached to the TorchServe at {server.management.url} (model store "
+        f"{server.model_store}); it is never started, stopped or restarted by Packrat")
+    if not check.request_counters:
+        say(f"its metrics API ({server.metrics.url}) serves no request counters, so Packrat "
+            "cannot estimate the batch size: set metrics_mode=prometheus in its "
+            "config.properties and restart it; until then plans change only by "
+            "`packrat reconfigure`")
+
+
+def _start_or_adopt(run: RunDir, options: ServeOptions, say):
+    """Adopt the TorchServe this run directory runs (a restarted controller), else start one
+    (from the user's config.properties if given): (server, settings, origin)."""
+    server = find_server(run.torchserve)
+    if server is not None:
+        say(f"adopting TorchServe (pid {server.frontend_pid}) of {run.path}")
+        return server, load_settings(run.torchserve), ServerOrigin.ADOPTED
+    run.state_file.unlink(missing_ok=True)  # a past run's: nothing of it is live
+    if options.ts_config is not None:
+        user = settings_for(options.ts_config, workdir=run.torchserve,
+                            model_store=run.model_store)
+        for warning in user.warnings:
+            say(f"warning: {warning}")
+        settings = user.settings
+    else:
+        settings = ServerSettings(workdir=run.torchserve, model_store=run.model_store,
+                                  ports=options.ports or Ports.free())
+    server = start_server(settings)
+    urls = settings.endpoints()
+    say(f"TorchServe: inference {urls.inference.url}, management {urls.management.url}, "
+        f"metrics {urls.metrics.url}"
+        + (f" (token: {urls.key_file})" if urls.key_file else " (no token authorization)"))
+    return server, settings, ServerOrigin.STARTED
+
+
+def _leave_attached(controller: Controller) -> None:
+    """On the way out of an attached TorchServe: let switches under way finish (bounded),
+    then unregister every version Packrat made but the live one, which serves on."""
+    run, client = controller.run, controller.client
+    deadline = controller.clock() + controller.params.drain_timeout_s
+    try:
+        while controller.switches and controller.clock() < deadline:
+            controller.advance_switches()
+            controller.sleep(controller.params.tick_s)
+        for name in controller.models:
+            for v in client.versions(name):
+                if not v.is_default and run.version_dir(name, v.version).is_dir():
+                    retire_version(run, client, name, v.version)
+    except PackratError as e:
+        log.error("leaving the attached TorchServe: %s", e)
+
+
+def _prepare_model(run: RunDir, src: ModelSource, cores, options: ServeOptions, say,
+                   envelope: str | None) -> ModelRuntime:
     p = prepare_model(run, src.name, src.archive, cores, max_batch=options.max_batch,
                       largest_b=options.initial_batch, say=say, profile_csv=src.profile,
-                      what_b="--initial-batch", sample=src.sample)
+                      what_b="--initial-batch", sample=src.sample, envelope=envelope)
     return ModelRuntime(name=p.name, base_dir=p.base_dir, optimizer=p.optimizer,
                         cores=tuple(cores), warm=p.warm, profile_path=p.profile_path)
 
@@ -170,7 +230,7 @@ def _calibrate(controller: Controller, m: ModelRuntime, origin: ServerOrigin, sa
     profile). A restarted controller adopting a serving TorchServe uses a cached calibration
     only: measuring would compete with the live traffic."""
     delay = controller.params.max_batch_delay_ms
-    if origin is ServerOrigin.ADOPTED:
+    if origin is ServerOrigin.ADOPTED:  # (an attached one is measured: the user asked now)
         found = cached_calibration(m.profile_path, len(m.cores), delay)
         if found is None:
             say(f"{m.name}: no cached calibration; planning with the profile as measured")
@@ -203,13 +263,22 @@ def _adopt_or_start(controller: Controller, m: ModelRuntime, batch: int, say) ->
             m.auto = state.get("auto", True)
             m.reconfigurations = state.get("reconfigurations", 0)
             m.last_reconfiguration_unix = state.get("last_reconfiguration_unix")
+            run = controller.run
             for v in versions:
-                if v.version != default.version:
+                # an attached TorchServe's versions that Packrat did not make are the user's
+                if v.version != default.version and (run.attached is None or
+                                                     run.version_dir(m.name, v.version).is_dir()):
                     old = controller.run.read_plan(m.name, v.version) or replace(plan, version=v.version)
                     drive(Retire(controller.ctx, m.name, old), controller.sleep,
                           controller.params.tick_s)
             say(f"{m.name}: adopted version {plan.version} ({plan.describe()})")
             return
+    theirs = [v.version for v in versions
+              if not controller.run.version_dir(m.name, v.version).is_dir()]
+    if theirs and controller.run.attached is not None:
+        say(f"{m.name}: the attached TorchServe has version(s) {', '.join(theirs)} that "
+            "Packrat did not make; they stay registered, and Packrat's version becomes the "
+            "default")
     plan = plan_for_batch(m.optimizer, m.name, str(m.next_version), batch, m.cores)
     result = controller.switch_now(m, plan, Reason.AUTO)
     if not result.ok:

@@ -30,7 +30,12 @@ def stop(run_dir: Path, timeout_s: float = 60) -> str:
             if time.monotonic() > deadline:
                 raise PackratError(f"controller {pid} did not stop in {timeout_s:.0f} s")
             time.sleep(0.2)
+        if run.attached is not None:
+            return (f"stopped the controller (pid {pid}); the TorchServe at "
+                    f"{run.attached.management.url} keeps serving the live version")
         return f"stopped the controller (pid {pid}) and its TorchServe"
+    if run.attached is not None:  # never the user's TorchServe
+        return f"no controller runs on {run.path}; the attached TorchServe was left as it is"
     server = find_server(run.torchserve)
     if server is not None:
         stop_server(server)
@@ -123,9 +128,11 @@ class Status:
     torchserve_restarts: int
     torchserve_event: str | None
     models: dict[str, ModelStatus]
+    attached: str | None = None  # the management URL of the user's TorchServe (serve --attach)
 
     def to_json(self) -> dict:
         return {"controller_pid": self.controller_pid, "torchserve_pid": self.torchserve_pid,
+                "attached": self.attached,
                 "torchserve_restarts": self.torchserve_restarts,
                 "torchserve_event": self.torchserve_event,
                 "models": {name: m.to_json() for name, m in self.models.items()}}
@@ -148,7 +155,7 @@ def status(run_dir: Path) -> Status:
     if not isinstance(state, dict) or not isinstance(state.get("models", {}), dict):
         raise PackratError(f"{run.state_file} is not a Packrat state file; stop what runs there "
                            f"(`packrat stop --run-dir {run.path}`) and serve again")
-    server = find_server(run.torchserve)
+    server = None if run.attached else find_server(run.torchserve)
     now = time.time()
     models = {}
     for name, st in state.get("models", {}).items():
@@ -171,4 +178,5 @@ def status(run_dir: Path) -> Status:
             last_error=st.get("last_error"), calibration=st.get("calibration"),
             switching=st.get("switching"))
     return Status(controller_pid(run), server.frontend_pid if server else None,
-                  state.get("torchserve_restarts", 0), state.get("torchserve_event"), models)
+                  state.get("torchserve_restarts", 0), state.get("torchserve_event"), models,
+                  run.attached.management.url if run.attached else None)

@@ -8,6 +8,8 @@
           .packrat-slots/K.lock    flock held by the worker that claimed slot K; holds its pid
     RUN/plans/NAME/N.json          the plan version N serves: threads, batch size, cores per slot
     RUN/requests/ID.json           `packrat reconfigure` asks; ID.result.json is the answer
+    RUN/attached.json              with `serve --attach`: the user's TorchServe (its URLs, key
+                                   file and model store, which then holds the version directories)
 
 Everything is created readable by the user only. A worker finds its plan and slot directory in
 its version directory (packrat-worker.json, written by packrat.serving.versions).
@@ -23,7 +25,9 @@ from pathlib import Path
 
 from packrat.core.plan import ServedPlan
 from packrat.errors import PackratError
-from packrat.jsonfile import write_json
+from packrat.jsonfile import read_json, write_json
+from packrat.torchserve import TorchServeClient, load_settings
+from packrat.torchserve.attach import AttachedServer
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
@@ -48,6 +52,16 @@ def check_model_name(name: str) -> str:
 class RunDir:
     def __init__(self, path: Path) -> None:
         self.path = Path(path).absolute()
+        # The user's TorchServe this run directory manages (`serve --attach`), else None: the
+        # one Packrat starts in RUN/torchserve.
+        self.attached: AttachedServer | None = None
+        data = read_json(self.attach_file, None)
+        if data is not None:
+            try:
+                self.attached = AttachedServer.from_json(data)
+            except (KeyError, TypeError, ValueError, PackratError) as e:
+                raise PackratError(f"{self.attach_file} is unreadable ({e}); remove it and "
+                                   "serve again") from None
 
     # -- layout ----------------------------------------------------------------------------
     @property
@@ -56,7 +70,26 @@ class RunDir:
 
     @property
     def model_store(self) -> Path:
-        return self.path / "model_store"
+        return self.attached.model_store if self.attached else self.path / "model_store"
+
+    @property
+    def attach_file(self) -> Path:
+        return self.path / "attached.json"
+
+    def set_attached(self, server: AttachedServer | None) -> None:
+        """Manage the user's TorchServe from now on (None: one Packrat starts)."""
+        self.attached = server
+        if server is None:
+            self.attach_file.unlink(missing_ok=True)
+            self.model_store.mkdir(parents=True, exist_ok=True)
+        else:
+            write_json(self.attach_file, server.to_json())
+
+    def client(self) -> TorchServeClient:
+        """A client of the TorchServe this run directory manages."""
+        if self.attached is not None:
+            return self.attached.client()
+        return TorchServeClient(load_settings(self.torchserve))
 
     @property
     def state_file(self) -> Path:
@@ -84,8 +117,10 @@ class RunDir:
     def create(self) -> "RunDir":
         old = os.umask(0o077)  # files of the run directory are the user's alone
         try:
-            for d in (self.path, self.torchserve, self.model_store, self.requests):
+            for d in (self.path, self.torchserve, self.requests):
                 d.mkdir(parents=True, exist_ok=True)
+            if self.attached is None:
+                self.model_store.mkdir(exist_ok=True)
             os.chmod(self.path, 0o700)
         finally:
             os.umask(old)
