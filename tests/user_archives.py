@@ -162,6 +162,30 @@ handler:
   max_batch: {YAML_MAX_BATCH}
 """
 
+KSERVE_HANDLER = '''
+import torch
+
+_weights = None
+
+
+def handle(data, context):
+    """A user's handler behind TorchServe's kservev2 envelope: data is the request's list of
+    KServe v2 inputs ({"name", "shape", "datatype", "data"}); one output per input."""
+    global _weights
+    if data is None:
+        _weights = torch.linspace(0.5, 2.0, 8)
+        return None
+    return [float((torch.tensor(inp["data"], dtype=torch.float32) * _weights).sum())
+            for inp in data]
+'''
+
+
+def kserve_v2(seed: int = 0) -> bytes:
+    return json.dumps({"id": f"req-{seed}", "inputs": [
+        {"name": "x", "shape": [8], "datatype": "FP32", "data": [float(seed + i) for i in range(8)]},
+    ]}).encode()
+
+
 FAILING_HANDLER = '''
 from ts.torch_handler.base_handler import BaseHandler
 
@@ -261,6 +285,20 @@ def build_yaml_text(out_dir: Path) -> UserArchive:
     sample = out_dir / "yaml_text-sample.txt"
     sample.write_bytes(yaml_text())
     return UserArchive("yaml_text", mar, sample, "text/plain")
+
+
+def build_kserve(out_dir: Path) -> UserArchive:
+    """For a TorchServe with service_envelope=kservev2: the sample is a KServe v2 request."""
+    out_dir = Path(out_dir)
+    src = out_dir / "kserve-src"
+    src.mkdir(parents=True, exist_ok=True)
+    (src / "kserve_handler.py").write_text(KSERVE_HANDLER)
+    (src / "unused.pt").write_bytes(b"")
+    mar = _archive(out_dir, "kserve", f"{src / 'kserve_handler'}:handle",
+                   serialized=src / "unused.pt")
+    sample = out_dir / "kserve-sample.json"
+    sample.write_bytes(kserve_v2())
+    return UserArchive("kserve", mar, sample, "application/json")
 
 
 def build_failing_init(out_dir: Path) -> UserArchive:
