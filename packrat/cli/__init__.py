@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="manage a TorchServe you started on this host (give --management, "
                          "--inference, --metrics and --model-store); it is never restarted, "
                          "and `packrat stop` leaves it serving the live plan")
+    sv.add_argument("--envelope", metavar="NAME",
+                    help="with --attach: the service_envelope that TorchServe runs with (e.g. "
+                         "kservev2), so that profiles time requests through it (with "
+                         "--ts-config it is read from the file)")
     sv.add_argument("--management", metavar="URL", help="with --attach: its management API")
     sv.add_argument("--inference", metavar="URL", help="with --attach: its inference API")
     sv.add_argument("--metrics", metavar="URL", help="with --attach: its metrics API")

@@ -70,7 +70,8 @@ def _server_source(args):
             "--metrics": args.metrics}
     if not args.attach:
         given = [flag for flag, value in {**urls, "--key-file": args.key_file,
-                                          "--certificate": args.certificate}.items() if value]
+                                          "--certificate": args.certificate,
+                                          "--envelope": args.envelope}.items() if value]
         if given:
             raise PackratError(f"{given[0]} is for --attach; add --attach to manage a "
                                "TorchServe you started")
@@ -146,7 +147,7 @@ def cmd_serve(args) -> int:
         run_dir=run_dir, models=models, cores=args.cores, ports=ports,
         max_batch=args.max_batch, initial_batch=args.initial_batch, calibrate=not args.no_calibrate,
         controller=ControllerParams(interval_s=args.interval, max_batch_delay_ms=args.max_batch_delay),
-        ts_config=ts_config, attach=attach,
+        ts_config=ts_config, attach=attach, envelope=args.envelope,
     )
     print(f"run directory: {options.run_dir}", file=sys.stderr)
     serve(options, say=lambda msg: print(msg, file=sys.stderr, flush=True))

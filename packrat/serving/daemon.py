@@ -74,6 +74,7 @@ class ServeOptions:
     controller: ControllerParams = ControllerParams()
     ts_config: UserConfig | None = None     # the user's config.properties to start TorchServe from
     attach: AttachedServer | None = None    # manage this TorchServe instead of starting one
+    envelope: str | None = None             # the attached TorchServe's service_envelope
 
 
 def serve(options: ServeOptions, say: Callable[[str], None] = lambda s: None) -> None:
@@ -113,7 +114,7 @@ def _serve(options: ServeOptions, say) -> None:
             _check_attached(run, options.attach, say)  # before the long profiling
         else:
             run.set_attached(None)
-        envelope = options.ts_config.service_envelope if options.ts_config else None
+        envelope = options.ts_config.service_envelope if options.ts_config else options.envelope
         runtimes = [_prepare_model(run, src, cores, options, say, envelope)
                     for src in options.models]
         if stop["flag"]:
