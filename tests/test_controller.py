@@ -381,3 +381,29 @@ def test_sample_sums_versions_and_survives_their_counters_restarting(tmp_path, w
     c.sample(m, {key(req, "default"): 8, key(lat, "default"): 4.5e6})
     assert m.totals == (23, 6e6)
     assert m.estimator.last.requests == 23 and m.estimator.recent  # the estimator saw them
+
+
+def test_an_attached_torchserve_is_waited_for_never_restarted_and_served_again(tmp_path, world):
+    clock, ts = world
+    up = {"ping": True}
+    ts.ping = lambda: up["ping"]
+    c = make_controller(tmp_path, clock, ts, models=("a", "b"))
+    c.attached = True
+    c.restart_server = lambda: pytest.fail("an attached TorchServe is never restarted")
+    assert c.switch_now(c.models["a"], plan("a", 1, 1, 2, 1), Reason.MANUAL).ok
+    assert c.switch_now(c.models["b"], plan("b", 1, 1, 2, 1), Reason.MANUAL).ok
+    ticks(c, clock, 2)
+    up["ping"] = False  # the user's TorchServe stops answering
+    ticks(c, clock, 5)
+    event = read_json(c.run.state_file)["torchserve_event"]
+    assert "stopped answering" in event and "does not restart" in event
+    # it comes back having lost model a's version (the user restarted it without it)
+    ts.versions_.pop("a")
+    ts.default.pop("a")
+    kept_b = ts.registered("b")
+    up["ping"] = True
+    ticks(c, clock, 3)
+    assert ts.registered("a") == [c.models["a"].plan.version] != ["1"]
+    assert c.models["a"].plan.describe() == "1x<t=2,b=1>"
+    assert ts.registered("b") == kept_b  # b's version was still there: left alone
+    assert "answers again" in read_json(c.run.state_file)["torchserve_event"]

@@ -202,3 +202,27 @@ def test_rundir_of_attach_refuses_a_bad_attach_file(tmp_path):
     run.attach_file.write_text("{}")
     with pytest.raises(PackratError, match="attached.json is unreadable"):
         RunDir(tmp_path)
+
+
+def test_ts_config_errors_are_one_line_and_start_nothing(tmp_path):
+    bad = tmp_path / "bad.properties"
+    bad.write_text("inference_address=http://127.0.0.1:8080\nvmargs=\\u12\n")
+    mar = user_archives.build("func_json", tmp_path / "archives").mar
+    cases = [(["--ts-config", bad], ["bad.properties:2"]),
+             (["--ts-config", tmp_path / "none.properties"], ["none.properties"]),
+             (["--ts-config", bad, "--inference-port", "8080"], ["with --ts-config the ports"]),
+             (["--key-file", bad], ["--key-file is for --attach"])]
+    for args, words in cases:
+        run = tmp_path / "run"
+        code, out, err = run_cli_fresh(run, "--models", f"m={mar}", *args)
+        assert code != 0 and "Traceback" not in err, err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("packrat serve: error: ") and all(w in last for w in words), err
+        assert not run.exists()  # checked before anything is written
+    assert bad.read_text().startswith("inference_address")
+
+
+def run_cli_fresh(run, *args):
+    out = subprocess.run([sys.executable, "-m", "packrat.cli", "serve", "--run-dir", str(run),
+                          *map(str, args)], capture_output=True, text=True, timeout=120)
+    return out.returncode, out.stdout, out.stderr

@@ -1,0 +1,76 @@
+"""Packrat's entry point around a user's handler (packrat.worker.wrapper), run in a fresh
+process as a TorchServe worker runs it: it claims a slot, pins and sets the threads before
+the handler's module is imported, sets them back after a handler's initialize changed them,
+and delegates every call untouched."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+from packrat.core.plan import ServedPlan
+from packrat.measure.cpus import usable_cores
+from packrat.model.spec import WORKER_FILE
+from packrat.worker.slots import WorkerConfig
+
+GREEDY_HANDLER = '''
+import os
+
+import torch
+
+SEEN_AT_IMPORT = (torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS"),
+                  sorted(os.sched_getaffinity(0)))
+
+
+class Greedy:
+    """Takes every core and thread it can in initialize, as some handlers do."""
+
+    def initialize(self, context):
+        torch.set_num_threads(os.cpu_count())
+        os.sched_setaffinity(0, range(os.cpu_count()))
+
+    def handle(self, data, context):
+        return [{"echo": row["body"], "seen_at_import": list(SEEN_AT_IMPORT)} for row in data]
+'''
+
+WORKER = '''
+import json, os, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])  # TorchServe puts the model directory on the path
+from ts.context import Context
+import torch
+from packrat.worker import wrapper
+
+ctx = Context("m", sys.argv[1], {"model": {"modelName": "m"}}, 1, None, "0.12.0")
+assert wrapper.handle(None, ctx) is None
+answer = wrapper.handle([{"body": "hello"}], ctx)
+affinity = set()
+for task in Path("/proc/self/task").iterdir():
+    affinity |= os.sched_getaffinity(int(task.name))
+print(json.dumps({"answer": answer, "threads": torch.get_num_threads(),
+                  "affinity": sorted(affinity), "slot": wrapper._worker.slot}))
+'''
+
+
+def test_the_entry_point_pins_before_import_resets_after_initialize_and_delegates(tmp_path):
+    cores = usable_cores()
+    slot = (cores[-1],)  # one core: a 1-thread instance
+    plan = ServedPlan("m", "1", 1, 1, 1, (slot,), 1.0, 1)
+    vdir = tmp_path / "m-v1"
+    vdir.mkdir()
+    (vdir / "greedy_handler.py").write_text(GREEDY_HANDLER)
+    config = WorkerConfig(plan, vdir / ".packrat-slots", "greedy_handler")
+    (vdir / WORKER_FILE).write_text(json.dumps(config.to_json()))
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(WORKER), str(vdir)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    threads, omp, affinity_at_import = got["answer"][0]["seen_at_import"]
+    assert (threads, omp, affinity_at_import) == (1, "1", list(slot))  # before the import
+    assert got["answer"] == [{"echo": "hello", "seen_at_import": [1, "1", list(slot)]}]
+    assert got["threads"] == 1 and got["affinity"] == list(slot)  # set back after initialize
+    assert got["slot"] == 0
+    assert (vdir / ".packrat-slots" / "0.lock").is_file()
+    if os.cpu_count() > 1:  # the handler could take more than its slot: it was told
+        assert "the handler's initialize changed" in out.stderr
