@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,7 +249,9 @@ def build_cnn_png(out_dir: Path) -> UserArchive:
         torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.ReLU(),
         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10),
     ).eval()
-    traced = torch.jit.trace(net, torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE))
+    with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.13, still loaded
+        warnings.simplefilter("ignore", DeprecationWarning)
+        traced = torch.jit.trace(net, torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE))
     traced.save(str(src / "model.pt"))
     (src / "png_handler.py").write_text(CNN_HANDLER.format(size=IMAGE_SIZE))
     mar = _archive(out_dir, "cnn_png", str(src / "png_handler.py"), serialized=src / "model.pt")

@@ -142,14 +142,12 @@ def _serve(options: ServeOptions, say) -> None:
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
-        if controller is not None and options.attach is not None:
-            _leave_attached(controller)
         if controller is not None:
+            if options.attach is not None:
+                _leave_attached(controller)  # the user's TorchServe serves on; server is None
             server = controller.server  # it may have restarted TorchServe
             controller.ctx.pool.shutdown(wait=False, cancel_futures=True)  # switches under way
-        if options.attach is not None:
-            pass  # the user's TorchServe serves on, with its live version's files and plan
-        elif server is not None:
+        if server is not None:
             # log, not say: stderr may be a pipe whose reader is gone, and a failed write
             # here must not leave TorchServe running
             log.info("stopping TorchServe")

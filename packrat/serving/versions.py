@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from packrat.core.plan import Layout, ServedPlan
-from packrat.errors import ArchiveError, PackratError
+from packrat.errors import PackratError
 from packrat.jsonfile import write_json
 from packrat.model.sample import Sample
 from packrat.model.spec import (
@@ -67,10 +67,7 @@ def prepare_version(run: RunDir, base_dir: Path, name: str, version: str, layout
     url = make_version_dir(base_dir, run.model_store, name, version)
     dest = run.model_store / url
     manifest = read_manifest(dest)
-    handler = manifest["model"].get("handler")
-    if not handler:
-        raise ArchiveError(f"{base_dir}: the archive's manifest names no handler; make it "
-                           "with torch-model-archiver --handler")
+    handler = manifest["model"]["handler"]  # make_version_dir checked that there is one
     if handler.split(":")[0] == HANDLER_FILE:
         # Serve with the handler of this Packrat, whatever version built the archive.
         _copy_package_file(HANDLER_FILE, dest)
