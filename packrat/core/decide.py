@@ -10,7 +10,10 @@ from enum import Enum
 
 from packrat.core.optimizer import Optimizer
 from packrat.core.plan import ServedPlan
-from packrat.core.policy import PolicyParams, manual_plan, plan_for_batch, should_switch
+from packrat.core.policy import PolicyParams, manual_plan, plan_for_batch, switch_verdict
+from packrat.core.switchcost import (
+    NO_LEVELS, NO_MEASUREMENTS, LevelHistory, Shape, SwitchStats, expected_stay_s, shape_of,
+)
 from packrat.errors import PackratError, PlanError
 
 
@@ -27,6 +30,9 @@ class ModelView:
     switching: bool              # a switch of this model is under way
     hold_until: float            # no automatic switch before (after a failure, after --auto)
     next_version: int
+    stats: SwitchStats = NO_MEASUREMENTS     # measured switch costs (defaults until measured)
+    levels: LevelHistory = NO_LEVELS         # how long B levels lasted: the expected stay
+    warm_shapes: frozenset[Shape] = frozenset()  # (instances, threads, batch_size) in standby
 
 
 class Reason(Enum):
@@ -44,6 +50,8 @@ class SwitchTo:
     reason: Reason
     request_id: str | None = None
     after: str | None = None
+    warm: bool = False  # the plan's shape is in standby: make that version the default
+    why: str = ""       # the policy's reasons, for the log
 
     @property
     def model(self) -> str:
@@ -79,13 +87,23 @@ class Note:
     message: str
 
 
-Action = SwitchTo | SetAuto | SetManual | Answer | Note
+@dataclass(frozen=True)
+class Stay:
+    """A faster plan exists but is not worth its switch yet (for the log; nothing to do).
+    Repeated every interval while it holds: log it when `why` changes."""
+
+    model: str
+    why: str
+
+
+Action = SwitchTo | SetAuto | SetManual | Answer | Note | Stay
 
 
 def decide(models: list[ModelView], now: float, policy: PolicyParams,
            max_batch_delay_ms: float) -> list[Action]:
     """Automatic switches: for each model under automatic control, not switching and not on
-    hold, the plan for its estimated B if the policy says it is worth a switch."""
+    hold, the plan for its estimated B if the policy says it is worth a switch (a warm one if
+    its shape is in standby); Stay where only the switch's cost holds it back."""
     actions: list[Action] = []
     for m in models:
         if not m.auto or m.switching or now < m.hold_until:
@@ -95,8 +113,14 @@ def decide(models: list[ModelView], now: float, policy: PolicyParams,
         except PlanError as e:
             actions.append(Note(m.name, str(e)))
             continue
-        if should_switch(m.plan, target, m.optimizer, m.estimate, policy, max_batch_delay_ms):
-            actions.append(SwitchTo(target, Reason.AUTO))
+        warm = shape_of(target) in m.warm_shapes
+        verdict = switch_verdict(m.plan, target, m.optimizer, m.estimate, policy,
+                                 max_batch_delay_ms, stats=m.stats,
+                                 stay_s=expected_stay_s(m.levels, now), warm=warm)
+        if verdict.switch:
+            actions.append(SwitchTo(target, Reason.AUTO, warm=warm, why=verdict.why))
+        elif (j := verdict.judgement) is not None and j.relative >= max(policy.min_gain, 1e-9):
+            actions.append(Stay(m.name, verdict.why))  # faster, but not by enough for the cost
     return actions
 
 

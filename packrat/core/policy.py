@@ -1,5 +1,6 @@
 """What to serve: from an optimizer result or a manual request to a ServedPlan, and whether a
-switch is worth it. Pure functions of data: no HTTP, no clock, no files.
+switch is worth it (packrat/core/switchcost.py: gain over the level's stay against the cost of
+a warm or cold switch). Pure functions of data: no HTTP, no clock, no files.
 """
 
 from __future__ import annotations
@@ -9,14 +10,20 @@ from dataclasses import dataclass
 
 from packrat.core.optimizer import Optimizer
 from packrat.core.plan import ServedPlan, slots_for
+from packrat.core.switchcost import (
+    DEFAULT_STAY_S, NO_MEASUREMENTS, SwitchJudgement, SwitchStats, judge_switch,
+)
 from packrat.errors import PlanError
 
 
 @dataclass(frozen=True)
 class PolicyParams:
-    # Switching costs seconds of worker start-up and a brief overlap on the same cores, so a
-    # new plan must promise at least this much lower latency at the estimated batch size.
+    # A floor under any switch: the profile's latencies are a few percent noisy, so a smaller
+    # predicted gain may be none at all, however cheap the switch.
     min_gain: float = 0.05
+    # Also weigh the gain over the level's expected stay against the measured cost of the
+    # switch (warm or cold); False: the floor alone decides, as before.
+    cost_aware: bool = True
 
 
 def served_latency(opt: Optimizer, threads: int, instances: int, batch_size: int, batch: int,
@@ -57,20 +64,53 @@ def manual_plan(opt: Optimizer, model: str, version: str, instances: int, thread
                       served_latency(opt, threads, instances, batch_size, batch), batch)
 
 
-def should_switch(current: ServedPlan | None, target: ServedPlan, opt: Optimizer, batch: int,
-                  params: PolicyParams = PolicyParams(), delay_ms: float = 0.0) -> bool:
+@dataclass(frozen=True)
+class Verdict:
+    """Whether to switch, and why, in words for the log; `judgement` when the gain was
+    weighed."""
+
+    switch: bool
+    why: str
+    judgement: SwitchJudgement | None = None
+
+
+def switch_verdict(current: ServedPlan | None, target: ServedPlan, opt: Optimizer, batch: int,
+                   params: PolicyParams = PolicyParams(), delay_ms: float = 0.0, *,
+                   stats: SwitchStats = NO_MEASUREMENTS, stay_s: float = DEFAULT_STAY_S,
+                   warm: bool = False) -> Verdict:
     """Switch when the target differs and is predicted enough faster at the estimated B
-    (delay_ms: TorchServe's max_batch_delay, paid by batches B cannot fill)."""
+    (delay_ms: TorchServe's max_batch_delay, paid by batches B cannot fill): at least
+    min_gain faster and, when cost_aware, gaining more over stay_s than a switch of its kind
+    (warm: the target's shape is loaded as a standby) costs by stats."""
     if current is None:
-        return True
+        return Verdict(True, "nothing serves yet")
     if target.same_shape(current):
-        return False
+        return Verdict(False, f"already serves {current.describe()}")
     if current.instances * current.batch_size < batch <= target.instances * target.batch_size:
         # The live plan needs several rounds for B; the profile has no figure for the queueing
         # and per-batch costs between rounds, so its prediction is too kind: serve B in one.
-        return True
-    now = served_latency(opt, current.threads, current.instances, current.batch_size, batch, delay_ms)
-    new = served_latency(opt, target.threads, target.instances, target.batch_size, batch, delay_ms)
+        return Verdict(True, f"{current.describe()} needs several rounds for B={batch}, "
+                             f"{target.describe()} one")
+    now = served_latency(opt, current.threads, current.instances, current.batch_size, batch,
+                         delay_ms)
+    new = served_latency(opt, target.threads, target.instances, target.batch_size, batch,
+                         delay_ms)
+    change = f"{now:.1f} -> {new:.1f} ms at B={batch}"
     if math.isinf(now):
-        return not math.isinf(new)
-    return new <= now * (1.0 - params.min_gain)
+        return Verdict(not math.isinf(new), f"{change}: the profile cannot tell the live plan")
+    if not params.cost_aware:
+        ok = new <= now * (1.0 - params.min_gain)
+        floor = f"{'at least' if ok else 'under'} {params.min_gain:.0%} faster"
+        return Verdict(ok, f"{change}: {floor}")
+    judgement = judge_switch(now, new, stay_s, stats.cost(warm), params.min_gain)
+    kind = "warm" if warm else "cold"
+    return Verdict(judgement.worth, f"{change}, {kind}: {judgement.describe()}", judgement)
+
+
+def should_switch(current: ServedPlan | None, target: ServedPlan, opt: Optimizer, batch: int,
+                  params: PolicyParams = PolicyParams(), delay_ms: float = 0.0, *,
+                  stats: SwitchStats = NO_MEASUREMENTS, stay_s: float = DEFAULT_STAY_S,
+                  warm: bool = False) -> bool:
+    """switch_verdict's answer alone."""
+    return switch_verdict(current, target, opt, batch, params, delay_ms, stats=stats,
+                          stay_s=stay_s, warm=warm).switch

@@ -1,0 +1,190 @@
+"""The cost-aware switch policy: switch costs as EWMAs, how long B levels last, gain against
+cost, and decide() with warm (standby) shapes against cold ones."""
+
+import math
+
+import pytest
+
+from packrat.core.decide import ModelView, Reason, Stay, SwitchTo, decide
+from packrat.core.optimizer import Optimizer
+from packrat.core.policy import PolicyParams, manual_plan, plan_for_batch, switch_verdict
+from packrat.core.profile import Profile, ProfilePoint
+from packrat.core.switchcost import (
+    DEFAULT_STAY_S, LEVELS_KEPT, Kind, LevelHistory, SwitchCost, SwitchStats, expected_stay_s,
+    judge_switch, observe, observe_level, patience_for, shape_of, worth_switching,
+)
+
+# As in test_policy_rundir: 4 cores; 4x<t=1,b=1> is best for B = 4 (10 ms), where one
+# 4-thread instance of batch 4 takes 14 ms.
+TABLE = {
+    1: {1: 10.0, 2: 19.0, 4: 37.0},
+    2: {1: 6.0, 2: 11.0, 4: 21.0},
+    4: {1: 4.0, 2: 7.5, 4: 14.0},
+}
+OPT = Optimizer(Profile(tuple(ProfilePoint(t, b, x) for t, r in TABLE.items()
+                             for b, x in r.items())), 4)
+CORES = (0, 1, 2, 3)
+
+
+# -- switch costs ------------------------------------------------------------------------------
+
+def test_defaults_until_measured_then_the_first_measurement_replaces_them():
+    s = SwitchStats()
+    assert s.cold == SwitchCost(10.0, 1.0, 0) and s.warm == SwitchCost(0.5, 0.1, 0)
+    assert s.cost(warm=False) == (10.0, 1.0) and s.cost(warm=True) == (0.5, 0.1)
+    s = observe(s, Kind.COLD, 3.0, 0.5)
+    assert s.cold == SwitchCost(3.0, 0.5, 1) and s.warm == SwitchStats().warm
+    assert s.cold.cost_s == pytest.approx(1.5)
+
+
+def test_ewma_averages_the_first_few_then_follows_drift():
+    s = observe(observe(SwitchStats(), Kind.WARM, 1.0, 0.2), Kind.WARM, 3.0, 0.4)
+    assert s.warm.duration_s == pytest.approx(2.0) and s.warm.slowdown == pytest.approx(0.3)
+    s = observe(s, Kind.WARM, 5.0, 0.3)  # weight 1/3
+    assert s.warm.duration_s == pytest.approx(3.0) and s.warm.count == 3
+    for _ in range(50):
+        s = observe(s, Kind.WARM, 0.2, 0.0)
+    assert s.warm.duration_s == pytest.approx(0.2, abs=1e-6) and s.warm.count == 53
+    # weight ALPHA from the fourth on: one outlier moves it by 30%, not to itself
+    assert observe(s, Kind.WARM, 10.2, 0.0).warm.duration_s == pytest.approx(3.2, abs=1e-6)
+
+
+def test_slowdown_is_clipped_and_bad_measurements_ignored():
+    s = SwitchStats()
+    assert observe(s, Kind.COLD, 2.0, 50.0).cold.slowdown == 10.0
+    assert observe(s, Kind.COLD, 2.0, -0.3).cold.slowdown == 0.0  # serving sped up: free
+    assert observe(s, Kind.COLD, -1.0, 0.5).cold.duration_s == 0.0
+    assert observe(s, Kind.COLD, math.nan, 0.5) is s
+    assert observe(s, Kind.WARM, 1.0, math.inf) is s
+
+
+# -- levels ------------------------------------------------------------------------------------
+
+def test_level_history_defaults_median_and_bounds():
+    h = LevelHistory()
+    assert expected_stay_s(h, 0.0) == DEFAULT_STAY_S
+    h = observe_level(h, 4, 100.0)
+    assert h == LevelHistory(4, 100.0, ()) and observe_level(h, 4, 150.0) is h  # same B
+    assert expected_stay_s(h, 110.0) == DEFAULT_STAY_S
+    assert expected_stay_s(h, 200.0) == 100.0  # the level outlived the default: its age
+    for t, b in ((120.0, 8), (150.0, 4), (250.0, 8)):  # levels of 20, 30, 100 s
+        h = observe_level(h, b, t)
+    assert h.durations == (20.0, 30.0, 100.0) and (h.batch, h.since) == (8, 250.0)
+    assert expected_stay_s(h, 251.0) == 30.0  # the median
+    assert expected_stay_s(h, 251.0, bounds=(40.0, 600.0)) == 40.0
+    assert expected_stay_s(h, 251.0, bounds=(1.0, 25.0)) == 25.0
+    flappy = LevelHistory(1, 0.0, (0.5, 1.0, 2.0))
+    assert expected_stay_s(flappy, 1.0) == 10.0  # never less than the lower bound
+    assert expected_stay_s(LevelHistory(1, 0.0), 1e6) == 600.0  # nor more than the upper
+
+
+def test_level_history_keeps_the_last_levels_only():
+    h = LevelHistory()
+    for k in range(100):
+        h = observe_level(h, k % 2 + 1, float(k * k))
+    assert len(h.durations) == LEVELS_KEPT
+    assert h.durations[-1] == 99 * 99 - 98 * 98 and h.durations[0] == 80 * 80 - 79 * 79
+    assert len(observe_level(h, 7, 1e5, keep=3).durations) == 3
+
+
+def test_patience_for():
+    assert patience_for(False, 3) == 3 and patience_for(True, 3) == 1
+    assert patience_for(True, 12) == 4 and patience_for(True, 1) == 1
+
+
+# -- gain against cost -------------------------------------------------------------------------
+
+COLD, WARM = SwitchStats().cost(False), SwitchStats().cost(True)
+
+
+def test_a_big_gain_over_a_long_stay_switches_cold():
+    j = judge_switch(10.0, 5.0, 60.0, COLD)
+    assert j.worth and j.gain_s == pytest.approx(30.0) and j.cost_s == pytest.approx(10.0)
+    assert j.describe() == "gain 30.0 s > cost 10.0 s (50% faster over 60 s)"
+
+
+def test_a_small_gain_over_a_short_stay_switches_warm_only():
+    assert not worth_switching(10.0, 9.0, 30.0, COLD)  # 3 s < 10 s
+    assert "gain 3.0 s <= cost 10.0 s" in judge_switch(10.0, 9.0, 30.0, COLD).describe()
+    assert worth_switching(10.0, 9.0, 30.0, WARM)  # 3 s > 0.05 s
+
+
+def test_min_gain_is_a_floor_and_slower_never_switches():
+    assert worth_switching(10.0, 9.6, 600.0, WARM)  # 4% over 10 min
+    j = judge_switch(10.0, 9.6, 600.0, WARM, min_gain=0.05)
+    assert not j.worth and j.describe() == "4% faster over 600 s: below the 5% floor"
+    assert not worth_switching(10.0, 11.0, 600.0, (0.0, 0.0))
+    assert not worth_switching(10.0, 10.0, 600.0, (0.0, 0.0))
+    assert not worth_switching(10.0, math.inf, 600.0, (0.0, 0.0))
+    assert worth_switching(math.inf, 5.0, 60.0, COLD)  # unknown live plan: a 100% gain
+
+
+# -- the policy and decide() ---------------------------------------------------------------------
+
+WHOLE = manual_plan(OPT, "m", "1", 1, 4, 4, CORES)  # 14 ms for B = 4
+FOUR = plan_for_batch(OPT, "m", "2", 4, CORES)        # 10 ms for B = 4: 29% faster
+
+
+def view(**kw):
+    # positionally, as the controller builds it today
+    base = ModelView("m", OPT, CORES, WHOLE, True, 4, False, 0.0, 2)
+    return ModelView(**{**base.__dict__, **kw})
+
+
+def short_levels(now):
+    """Levels of 20 s lately; the current one started at `now`."""
+    return LevelHistory(4, now, (20.0,) * 5)
+
+
+def test_policy_weighs_the_cost_and_keeps_the_old_rule_available():
+    # 29% over 20 s = 5.7 s: not worth 10 s of a cold switch, worth a warm one
+    cold = switch_verdict(WHOLE, FOUR, OPT, 4, stay_s=20.0)
+    assert not cold.switch and "14.0 -> 10.0 ms at B=4, cold: gain 5.7 s <= cost 10.0 s" in cold.why
+    assert switch_verdict(WHOLE, FOUR, OPT, 4, stay_s=20.0, warm=True).switch
+    old = switch_verdict(WHOLE, FOUR, OPT, 4, PolicyParams(cost_aware=False), stay_s=20.0)
+    assert old.switch and old.judgement is None and "at least 5% faster" in old.why
+    measured = SwitchStats(cold=SwitchCost(2.0, 0.5, 4))  # a cheap model to switch
+    assert switch_verdict(WHOLE, FOUR, OPT, 4, stats=measured, stay_s=20.0).switch
+    # several rounds for B on the live plan: switch, whatever it costs
+    one = plan_for_batch(OPT, "m", "1", 1, CORES)
+    rounds = switch_verdict(one, FOUR, OPT, 4, stay_s=10.0)
+    assert rounds.switch and "several rounds" in rounds.why
+    assert switch_verdict(None, FOUR, OPT, 4).switch
+
+
+def test_decide_switches_warm_where_it_would_not_switch_cold():
+    now = 1000.0
+    levels = short_levels(now)
+    cold = decide([view(levels=levels)], now, PolicyParams(), 10.0)
+    assert cold == [Stay("m", cold[0].why)] and "cold: gain 5.7 s <= cost 10.0 s" in cold[0].why
+    warm = decide([view(levels=levels, warm_shapes=frozenset({shape_of(FOUR), (2, 2, 2)}))],
+                  now, PolicyParams(), 10.0)
+    assert len(warm) == 1 and isinstance(warm[0], SwitchTo)
+    assert warm[0].warm and warm[0].reason is Reason.AUTO and shape_of(warm[0].plan) == (4, 1, 1)
+    assert "warm: gain 5.7 s > cost 0.1 s" in warm[0].why
+    # a standby of another shape does not help
+    other = decide([view(levels=levels, warm_shapes=frozenset({(2, 2, 2)}))], now,
+                   PolicyParams(), 10.0)
+    assert isinstance(other[0], Stay)
+    # the old rule, for the same loads
+    old = decide([view(levels=levels)], now, PolicyParams(cost_aware=False), 10.0)
+    assert isinstance(old[0], SwitchTo) and not old[0].warm
+
+
+def test_a_declined_switch_is_taken_once_the_level_outlasts_its_cost():
+    levels = short_levels(1000.0)
+    assert isinstance(decide([view(levels=levels)], 1030.0, PolicyParams(), 10.0)[0], Stay)
+    # 29% of 36 s > 10 s: the level has lasted long enough to repay a cold switch
+    late = decide([view(levels=levels)], 1036.0, PolicyParams(), 10.0)
+    assert isinstance(late[0], SwitchTo) and "gain 10.3 s > cost 10.0 s" in late[0].why
+
+
+def test_decide_defaults_keep_todays_callers_working():
+    # no stats, no levels, no standby: a cold switch at the default stay (60 s)
+    actions = decide([view()], 0.0, PolicyParams(), 10.0)
+    assert isinstance(actions[0], SwitchTo) and "over 60 s" in actions[0].why
+    assert decide([view(plan=FOUR)], 0.0, PolicyParams(), 10.0) == []  # already serves it
+    assert decide([view(estimate=1, plan=plan_for_batch(OPT, "m", "1", 1, CORES))], 0.0,
+                  PolicyParams(), 10.0) == []  # same plan: nothing to say
+    assert SwitchTo(FOUR, Reason.MANUAL, "r1", "b") == SwitchTo(FOUR, Reason.MANUAL,
+                                                                request_id="r1", after="b")
