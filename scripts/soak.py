@@ -104,7 +104,8 @@ def soak(args) -> SoakReport:
     mar = build_zoo_archive(args.zoo, out).mar_path
     body = (out / f"{args.zoo}.example.json").read_bytes()
     cmd = [sys.executable, "-m", "packrat.cli", "serve", "--run-dir", str(run),
-           "--models", f"{args.zoo}={mar}", "--max-batch", "4", "--cores", str(cores)]
+           "--models", f"{args.zoo}={mar}", "--max-batch", "4", "--cores", str(cores),
+           "--standby-memory", "0"]  # every switch cold: the most churn
     if args.profile:
         cmd += ["--profiles", f"{args.zoo}={args.profile}"]
     log = open(out / "serve.log", "w")

@@ -88,7 +88,7 @@ def served(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "packrat.cli", "serve", "--run-dir", run, "--models",
          f"small-cnn={mar}", "--profiles", f"small-cnn={profile}", "--interval", "0.5",
-         "--cores", str(N_SERVE)],
+         "--cores", str(N_SERVE), "--standby-memory", "0"],  # old versions deleted (test_standby keeps them)
         stdout=log, stderr=subprocess.STDOUT,
     )
 

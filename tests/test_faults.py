@@ -135,7 +135,7 @@ def test_killed_controller_is_adopted_without_losing_requests(served, tmp_path):
     mar = run.parent / "archives" / "small-cnn.mar"
     args = [sys.executable, "-m", "packrat.cli", "serve", "--run-dir", run, "--models",
             f"small-cnn={mar}", "--profiles", f"small-cnn={run.parent / 'small.csv'}",
-            "--interval", "0.5", "--cores", "2"]
+            "--interval", "0.5", "--cores", "2", "--standby-memory", "0"]
     # a controller that fails before adopting (bad input) leaves the live server's files alone
     bad = subprocess.run([*args, "--initial-batch", "100000"], capture_output=True, text=True,
                          timeout=120)

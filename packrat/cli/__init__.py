@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--interval", type=float, default=1.0, help="seconds between control steps")
     sv.add_argument("--max-batch-delay", type=int, default=10,
                     help="TorchServe max_batch_delay in ms (default 10)")
+    sv.add_argument("--standby-memory", type=float, metavar="MB",
+                    help="keep old versions loaded and idle after a switch, within this much "
+                         "memory (their workers' PSS) for all models, so that switching back "
+                         "is instant (default: 25%% of RAM; 0: delete them)")
     sv.set_defaults(func=cmd_serve)
 
     st = sub.add_parser("stop", help="stop `packrat serve` and its TorchServe")

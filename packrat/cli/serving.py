@@ -112,6 +112,7 @@ def _pairs(text: str, flag: str, form: str = "NAME=FILE"):
 
 def cmd_serve(args) -> int:
     from packrat.measure.cpus import usable_cores
+    from packrat.measure.memory import total_memory_mb
     from packrat.serving.controller import ControllerParams
     from packrat.serving.daemon import ServeOptions, serve
     from packrat.serving.rundir import RunDir, controller_pid
@@ -130,6 +131,8 @@ def cmd_serve(args) -> int:
     _at_least(args.max_batch, 1, "--max-batch")
     _at_least(args.initial_batch, 1, "--initial-batch")
     _at_least(args.max_batch_delay, 0, "--max-batch-delay")
+    if args.standby_memory is not None and not 0 <= args.standby_memory < math.inf:
+        raise PackratError(f"--standby-memory must be >= 0 MB, got {args.standby_memory}")
     if not args.interval > 0:  # also refuses nan
         raise PackratError(f"--interval must be > 0 seconds, got {args.interval}")
     for flag in ("inference_port", "management_port", "metrics_port"):
@@ -146,7 +149,10 @@ def cmd_serve(args) -> int:
     options = ServeOptions(
         run_dir=run_dir, models=models, cores=args.cores, ports=ports,
         max_batch=args.max_batch, initial_batch=args.initial_batch, calibrate=not args.no_calibrate,
-        controller=ControllerParams(interval_s=args.interval, max_batch_delay_ms=args.max_batch_delay),
+        controller=ControllerParams(
+            interval_s=args.interval, max_batch_delay_ms=args.max_batch_delay,
+            standby_memory_mb=(args.standby_memory if args.standby_memory is not None
+                               else round(0.25 * total_memory_mb()))),
         ts_config=ts_config, attach=attach, envelope=args.envelope,
     )
     print(f"run directory: {options.run_dir}", file=sys.stderr)
@@ -189,6 +195,8 @@ def cmd_status(args) -> int:
                   f"cores {','.join(map(str, w.cores)) or '-'}")
         if m.switching:
             print(f"  switching {m.switching}")
+        for st in m.standby:
+            print(f"  standby: version {st['version']} {st['plan']} ({st['memory_mb']:.0f} MB)")
         if m.last_error:
             print(f"  last error: {m.last_error}")
     return 0

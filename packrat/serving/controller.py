@@ -46,7 +46,14 @@ from packrat.errors import PackratError, PlanError, TorchServeError
 from packrat.jsonfile import read_json, write_json
 from packrat.model.sample import Sample as RequestSample
 from packrat.serving.rundir import RunDir
-from packrat.serving.switch import Switch, SwitchContext, SwitchResult, SwitchSettings
+from packrat.serving.standby import Standby
+from packrat.serving.switch import (
+    Retire,
+    Switch,
+    SwitchContext,
+    SwitchResult,
+    SwitchSettings,
+)
 from packrat.torchserve import ServerProcess, TorchServeClient, is_running, stop_server
 
 log = logging.getLogger(__name__)
@@ -59,6 +66,9 @@ class ControllerParams:
     interval_s: float = 1.0       # between two scrapes of the metrics (and decisions)
     tick_s: float = 0.05          # between two ticks while a switch is under way
     max_batch_delay_ms: int = 10
+    # Old versions kept registered and idle after a switch, for all models together, in MB of
+    # their workers' PSS (0: every old version is deleted once drained).
+    standby_memory_mb: float = 0.0
     drain_timeout_s: float = 120.0
     retry_after_s: float = 30.0   # after a failed switch, wait this long before trying again
     policy: PolicyParams = PolicyParams()
@@ -111,7 +121,9 @@ class Controller:
         self.sleep = sleep or time.sleep
         self.models: dict[str, ModelRuntime] = {}
         self.switches: dict[str, Switch] = {}     # under way, by model
+        self.standby = Standby(run, params.standby_memory_mb)  # warm old versions
         self.queued: list[SwitchTo] = []          # waiting for another model's switch
+        self.retiring: list[Retire] = []          # standby versions being deleted
         self.server, self.restart_server = server, restart_server
         self.server_restarts = 0
         self.server_event: str | None = None  # the last thing that happened to TorchServe
@@ -179,10 +191,19 @@ class Controller:
         if m.name in self.switches or (action.after and action.after in self.switches):
             self.queued.append(action)
             return None
-        switch = self.switches[m.name] = Switch(self.ctx, action, m.plan, m.base_dir,
-                                                m.warm, on_promoted=self._promoted)
+        action, from_standby = self.standby.take(action, m.cores)
+        evict, park_old = self.standby.room_for(m.plan, action.reason)
+        switch = self.switches[m.name] = Switch(
+            self.ctx, action, m.plan, m.base_dir, m.warm, on_promoted=self._promoted,
+            from_standby=from_standby, evict=evict, park_old=park_old)
         switch.tick()
         return switch
+
+    # -- warm standby ------------------------------------------------------------------------
+
+    def start_retire(self, plan: ServedPlan) -> None:
+        """Delete a version in the background (a task driven like the switches)."""
+        self.retiring.append(Retire(self.ctx, plan.model, plan))
 
     def _promoted(self, switch: Switch) -> None:
         m = self.models[switch.model]
@@ -193,6 +214,9 @@ class Controller:
         self.save_state()
 
     def advance_switches(self) -> None:
+        for task in self.retiring:
+            task.tick()
+        self.retiring = [t for t in self.retiring if not t.finished]
         for name, switch in list(self.switches.items()):
             switch.tick()
             if switch.result is not None:
@@ -203,6 +227,9 @@ class Controller:
             self.start_switch(action)
 
     def _finished(self, switch: Switch) -> None:
+        unfit = self.standby.park(switch.model, switch.parked, self.clock())
+        if unfit is not None:
+            self.start_retire(unfit)
         m, result = self.models[switch.model], switch.result
         if not result.ok:
             m.last_error = result.message
@@ -299,6 +326,8 @@ class Controller:
             switch.abort(why)
             self._finished(switch)
         self.switches.clear()
+        self.standby.lost()
+        self.retiring = []
 
     def _restore_all(self, only_missing: bool = False) -> list[str]:
         """Serve every model's plan again as a new version (only_missing: only the models
@@ -408,6 +437,7 @@ class Controller:
                 "calibration": m.calibration,
                 "switching": (f"to {switch.plan.describe()} (version {switch.plan.version}): "
                               f"{switch.phase.value}") if switch else None,
+                "standby": self.standby.describe(m.name),
             }
         write_json(self.run.state_file, {
             "controller_pid": os.getpid(), "models": models,

@@ -9,7 +9,11 @@ The steps (make-before-break; see packrat.serving.versions for each):
 4. WARMING: full batches sent to the new version explicitly;
 5. PROMOTING: set-default: new requests go to it (the switch has succeeded from here);
 6. DRAINING: wait until the old version has nothing queued or running (packrat.core.drain);
-7. RETIRING: delete the old version and its files.
+7. RETIRING: delete the old version and its files, or keep it registered and idle as a warm
+   standby (packrat.core.standby) when the controller asks to.
+A switch to a standby version skips steps 1-4: it checks that the version's workers still
+hold their slots and makes it the default. Standby versions the controller evicts to make
+room are deleted first, before anything new is registered.
 A failure before step 5 deletes the new version and leaves the old one serving.
 
 Each blocking call (a REST call, the warm-up, a look at the workers) runs on a thread pool;
@@ -48,6 +52,8 @@ log = logging.getLogger(__name__)
 
 class Phase(Enum):
     WAITING = "waiting for another model's switch"
+    EVICTING = "deleting evicted standby versions"
+    CHECKING = "checking the standby version"
     PREPARING = "preparing"
     REGISTERING = "registering"
     STARTING = "starting workers"
@@ -55,6 +61,7 @@ class Phase(Enum):
     PROMOTING = "making it the default"
     DRAINING = "draining the old version"
     RETIRING = "deleting the old version"
+    PARKING = "keeping the old version as standby"
     ROLLING_BACK = "rolling back"
     DONE = "done"
     FAILED = "failed"
@@ -132,13 +139,22 @@ class Task:
 
 
 class Switch(Task):
+    """from_standby: action.plan is a registered standby version. evict: standby versions to
+    delete before anything else. park_old: keep the old version as standby once drained
+    (self.parked is then set)."""
+
     def __init__(self, ctx: SwitchContext, action: SwitchTo, old: ServedPlan | None,
                  base_dir: Path, warm: Sample,
-                 on_promoted: Callable[["Switch"], None] = lambda s: None) -> None:
+                 on_promoted: Callable[["Switch"], None] = lambda s: None, *,
+                 from_standby: bool = False, evict: tuple[ServedPlan, ...] = (),
+                 park_old: bool = False) -> None:
         self.action, self.old = action, old
         self.plan = action.plan
         self.base_dir, self.warm = base_dir, warm
         self.on_promoted = on_promoted
+        self.from_standby, self.evict, self.park_old = from_standby, evict, park_old
+        self.parked: ServedPlan | None = None
+        self.promoted_at: float | None = None
         self.phase = Phase.WAITING
         self.started = ctx.clock()
         self.result: SwitchResult | None = None
@@ -155,48 +171,76 @@ class Switch(Task):
         self._steps.close()
         self.finished = True
         remove_version_files(self.ctx.run, self.model, self.plan.version)
-        self._finish(self.phase in (Phase.DRAINING, Phase.RETIRING),
+        self._finish(self.phase in (Phase.DRAINING, Phase.RETIRING, Phase.PARKING),
                      f"switch of {self.model} to {self.plan.describe()} stopped: {why}")
 
     # -- the steps --------------------------------------------------------------------------
 
     def _run(self) -> Step:
         ctx, plan, name = self.ctx, self.plan, self.model
-        s = ctx.settings
         log.info("%s: switching %s -> %s (version %s, predicted %.1f ms at B=%d)", name,
                  self.old.describe() if self.old else "nothing", plan.describe(),
                  plan.version, plan.predicted_ms, plan.for_batch)
         try:
-            self.phase = Phase.PREPARING
-            url = yield from self._call(prepare_version, ctx.run, self.base_dir, name,
-                                        plan.version, plan,
-                                        max_batch_delay_ms=s.max_batch_delay_ms)
-            self.phase = Phase.REGISTERING
-            yield from self._call(ctx.client.register, url, model_name=name,
-                                  batch_size=plan.batch_size,
-                                  max_batch_delay_ms=s.max_batch_delay_ms,
-                                  initial_workers=plan.instances,
-                                  response_timeout_s=s.response_timeout_s)
-            self.phase = Phase.STARTING
-            deadline = ctx.clock() + WORKERS_TIMEOUT_S
-            while not (check := (yield from self._call(
-                    check_workers, ctx.run, ctx.client, name, plan.version, plan))).ready:
-                if ctx.clock() > deadline:
-                    raise check.timeout_error(ctx.run)
-                yield from self._pause(s.poll_s)
-            self.phase = Phase.WARMING
-            yield from self._call(warm_version, ctx.client, name, plan.version,
-                                  plan.instances * plan.batch_size, self.warm)
+            for gone in self.evict:
+                self.phase = Phase.EVICTING
+                try:
+                    yield from self._call(retire_version, ctx.run, ctx.client, gone.model,
+                                          gone.version)
+                except PackratError as e:
+                    log.warning("%s: evicting standby version %s failed: %s", gone.model,
+                                gone.version, e)
+            if self.from_standby:
+                self.phase = Phase.CHECKING
+                check = yield from self._call(check_workers, ctx.run, ctx.client, name,
+                                              plan.version, plan)
+                if not check.ready:  # e.g. a worker TorchServe is restarting
+                    raise PackratError(f"standby version {plan.version} is not ready "
+                                       f"({check.workers} workers, {check.slots} slots)")
+            else:
+                yield from self._start_new()
             self.phase = Phase.PROMOTING
             yield from self._call(ctx.client.set_default, name, plan.version)
         except (PackratError, OSError) as e:
             yield from self._roll_back(e)
             return
+        self.promoted_at = ctx.clock()
         self.on_promoted(self)
         if self.old is not None:
             self.phase = Phase.DRAINING
-            yield from retire_when_drained(self, self.model, self.old)
-        self._finish(True, f"{name} serves {plan.describe()} as version {plan.version}")
+            if self.park_old:
+                if (yield from wait_drained(self, name, self.old)) is Drain.DRAINED:
+                    self.phase = Phase.PARKING
+                    self.parked = self.old
+            else:
+                yield from retire_when_drained(self, name, self.old)
+        self._finish(True, f"{name} serves {plan.describe()} as version {plan.version}"
+                     + (" (from standby)" if self.from_standby else ""))
+
+    def _start_new(self) -> Step:
+        """Steps 1-4: make, register, check and warm the new version."""
+        ctx, plan, name = self.ctx, self.plan, self.model
+        s = ctx.settings
+        self.phase = Phase.PREPARING
+        url = yield from self._call(prepare_version, ctx.run, self.base_dir, name,
+                                    plan.version, plan,
+                                    max_batch_delay_ms=s.max_batch_delay_ms)
+        self.phase = Phase.REGISTERING
+        yield from self._call(ctx.client.register, url, model_name=name,
+                              batch_size=plan.batch_size,
+                              max_batch_delay_ms=s.max_batch_delay_ms,
+                              initial_workers=plan.instances,
+                              response_timeout_s=s.response_timeout_s)
+        self.phase = Phase.STARTING
+        deadline = ctx.clock() + WORKERS_TIMEOUT_S
+        while not (check := (yield from self._call(
+                check_workers, ctx.run, ctx.client, name, plan.version, plan))).ready:
+            if ctx.clock() > deadline:
+                raise check.timeout_error(ctx.run)
+            yield from self._pause(s.poll_s)
+        self.phase = Phase.WARMING
+        yield from self._call(warm_version, ctx.client, name, plan.version,
+                              plan.instances * plan.batch_size, self.warm)
 
     def _roll_back(self, error: Exception) -> Step:
         self.phase = Phase.ROLLING_BACK
@@ -222,8 +266,9 @@ class Switch(Task):
                                    message)
 
 
-def retire_when_drained(task: Task, model: str, old: ServedPlan) -> Step:
-    """Delete the old version once nothing is queued or running on it."""
+def wait_drained(task: Task, model: str, old: ServedPlan) -> Step:
+    """Wait until nothing is queued or running on the old version: DRAINED, or None if it is
+    gone, TIMED_OUT if it stays busy, or cannot be looked at (it is left registered then)."""
     ctx = task.ctx
     watch = start_drain(ctx.clock(), ctx.settings.max_batch_delay_ms, old.predicted_ms,
                         ctx.settings.drain_timeout_s)
@@ -234,21 +279,28 @@ def retire_when_drained(task: Task, model: str, old: ServedPlan) -> Step:
         except TorchServeError as e:
             log.warning("%s: cannot look at version %s (%s); left registered",
                         model, old.version, e)
-            return
+            return Drain.TIMED_OUT
         if look is None:
-            break  # already gone
+            return None  # already gone
         watch, verdict = observe_drain(watch, ctx.clock(), *look)
         if verdict is Drain.DRAINED:
-            break
+            return verdict
         if verdict is Drain.TIMED_OUT:
             log.warning("%s: version %s still busy after %.0f s; left registered",
                         model, old.version, ctx.settings.drain_timeout_s)
-            return
+            return verdict
         yield from task._pause(ctx.settings.poll_s)
+
+
+def retire_when_drained(task: Task, model: str, old: ServedPlan) -> Step:
+    """Delete the old version once nothing is queued or running on it."""
+    verdict = yield from wait_drained(task, model, old)
+    if verdict is not Drain.DRAINED:
+        return  # gone, or left registered
     if isinstance(task, Switch):
         task.phase = Phase.RETIRING
     try:
-        yield from task._call(retire_version, ctx.run, ctx.client, model, old.version)
+        yield from task._call(retire_version, task.ctx.run, task.ctx.client, model, old.version)
     except TorchServeError as e:
         log.warning("%s: deleting version %s failed: %s", model, old.version, e)
 

@@ -1,0 +1,80 @@
+"""The controller's warm standby versions: old versions a switch kept registered, loaded and
+idle within one memory budget for all models, and the switches back to them. The choices
+are packrat.core.standby's; this holds the set and measures the memory (PSS)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+from packrat.core.decide import Reason, SwitchTo
+from packrat.core.plan import ServedPlan
+from packrat.core.standby import StandbyEntry, StandbySet, admit, make_room, shape_of
+from packrat.measure.memory import pss_mb
+from packrat.serving.rundir import RunDir
+from packrat.serving.versions import remove_version_files
+
+log = logging.getLogger(__name__)
+
+
+class Standby:
+    def __init__(self, run: RunDir, budget_mb: float) -> None:
+        self.run, self.budget_mb = run, budget_mb
+        self.set = StandbySet()
+        self.parking: dict[str, float] = {}  # model -> MB its old version will hold
+
+    def take(self, action: SwitchTo, cores: tuple[int, ...]) -> tuple[SwitchTo, bool]:
+        """The action switching to a standby version of the same plan if there is one
+        (which leaves the set: it becomes live), and whether it does."""
+        if action.reason is Reason.RESTORE or not self.budget_mb:
+            return action, False
+        entry = self.set.find(action.model, shape_of(action.plan), cores)
+        if entry is None:
+            return action, False
+        self.set = self.set.without(entry)
+        plan = replace(entry.plan, predicted_ms=action.plan.predicted_ms,
+                       for_batch=action.plan.for_batch)
+        return replace(action, plan=plan), True
+
+    def room_for(self, old: ServedPlan | None, reason: Reason
+                 ) -> tuple[tuple[ServedPlan, ...], bool]:
+        """(standby versions to delete first, whether the old version stays as standby once
+        drained): the least recently used go so that it fits the budget, before anything new
+        is registered; nothing is kept if it alone does not fit."""
+        if not self.budget_mb or old is None or reason is Reason.RESTORE:
+            return (), False
+        need = pss_mb(self.run.slot_pids(old.model, old.version).values())
+        if not 0 < need <= self.budget_mb:
+            return (), False
+        self.set, evicted = make_room(self.set, self.budget_mb, need)
+        self.parking[old.model] = need
+        for e in evicted:
+            log.info("%s: evicting standby version %s (%s, %.0f MB)", e.model, e.plan.version,
+                     e.plan.describe(), e.memory_mb)
+        return tuple(e.plan for e in evicted), True
+
+    def park(self, model: str, parked: ServedPlan | None, now: float) -> ServedPlan | None:
+        """A switch of model ended, its old version parked (or not); returns a version to
+        delete if it no longer fits (another switch took the room meanwhile)."""
+        need = self.parking.pop(model, 0.0)
+        if parked is None:
+            return None
+        admitted = admit(self.set, StandbyEntry(parked, need, now), self.budget_mb)
+        if admitted is None:
+            log.info("%s: no room for version %s in standby; deleting it", model, parked.version)
+            return parked
+        self.set = admitted
+        log.info("%s: version %s (%s, %.0f MB) kept as standby; %.0f of %.0f MB in use", model,
+                 parked.version, parked.describe(), need, self.set.memory_mb, self.budget_mb)
+        return None
+
+    def lost(self) -> None:
+        """TorchServe died and took the standby versions with it."""
+        for e in self.set.entries:
+            remove_version_files(self.run, e.model, e.plan.version)
+        self.set, self.parking = StandbySet(), {}
+
+    def describe(self, model: str) -> list[dict]:
+        """For state.json (and so `packrat status`)."""
+        return [{"version": e.plan.version, "plan": e.plan.describe(),
+                 "memory_mb": round(e.memory_mb, 1)} for e in self.set.of(model)]

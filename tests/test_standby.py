@@ -1,0 +1,95 @@
+"""Warm standby, pure: the set of old versions kept loaded within one memory budget, least
+recently used evicted first (packrat.core.standby); and the controller switching back to a
+standby version without registering anything (fake TorchServe, fake clock)."""
+
+import pytest
+
+from packrat.core.decide import Reason
+from packrat.core.plan import ServedPlan, slots_for
+from packrat.core.standby import (
+    StandbyEntry, StandbySet, admit, make_room, off_cores, shape_of,
+)
+from packrat.serving import standby as standby_module
+from tests.test_controller import CORES, make_controller, plan, ticks, world  # noqa: F401
+
+
+def entry(model, version, instances, threads, batch, mb, used, cores=(0, 1)):
+    p = ServedPlan(model, str(version), threads, instances, batch,
+                   slots_for(threads, instances, cores), 1.0, instances * batch)
+    return StandbyEntry(p, mb, used)
+
+
+def test_make_room_evicts_least_recently_used_until_the_newcomer_fits():
+    a, b, c = entry("m", 1, 1, 2, 1, 300, 10.0), entry("m", 2, 2, 1, 2, 300, 5.0), entry("n", 3, 1, 2, 4, 300, 20.0)
+    s = StandbySet((a, b, c))
+    kept, evicted = make_room(s, budget_mb=1000, need_mb=100)
+    assert evicted == () and kept.memory_mb == 900
+    kept, evicted = make_room(s, budget_mb=1000, need_mb=400)
+    assert evicted == (b,) and set(kept.entries) == {a, c}  # b was used longest ago
+    kept, evicted = make_room(s, budget_mb=1000, need_mb=2000)
+    assert kept.entries == () and len(evicted) == 3  # the newcomer cannot fit at all
+    assert admit(kept, entry("m", 4, 1, 2, 1, 2000, 30.0), 1000) is None
+    grown = admit(StandbySet((a,)), c, 600)
+    assert grown is not None and grown.memory_mb == 600 and admit(grown, b, 600) is None
+
+
+def test_find_matches_shape_and_slots_and_off_cores_evicts():
+    a = entry("m", 1, 2, 1, 2, 100, 1.0, cores=(0, 1))
+    s = StandbySet((a,))
+    assert s.find("m", (2, 1, 2), (0, 1)) == a
+    assert s.find("m", (2, 1, 4), (0, 1)) is None  # another batch size
+    assert s.find("n", (2, 1, 2), (0, 1)) is None  # another model
+    assert s.find("m", (2, 1, 2), (2, 3)) is None  # pinned elsewhere
+    kept, gone = off_cores(s, "m", (2, 3))
+    assert gone == (a,) and kept.entries == ()
+    assert off_cores(s, "m", (0, 1)) == (s, ())
+    assert shape_of(a.plan) == (2, 1, 2)
+
+
+@pytest.fixture
+def memory(monkeypatch):
+    """Every version's workers take `mb` MB of PSS (the fake TorchServe has no processes)."""
+    mb = {"each": 100.0}
+    monkeypatch.setattr(standby_module, "pss_mb", lambda pids: mb["each"])
+    monkeypatch.setattr(standby_module.RunDir, "slot_pids", lambda self, m, v: {0: 1})
+    return mb
+
+
+def test_switching_back_to_a_standby_plan_registers_nothing(tmp_path, world, memory):  # noqa: F811
+    clock, ts = world
+    c = make_controller(tmp_path, clock, ts, standby_memory_mb=250)
+    m = c.models["a"]
+    assert c.switch_now(m, plan("a", 1, 1, 2, 1), Reason.MANUAL).ok
+    assert c.switch_now(m, plan("a", 2, 2, 1, 1), Reason.MANUAL).ok  # cold; v1 parked
+    assert ts.registered("a") == ["1", "2"]
+    assert [e.plan.version for e in c.standby.set.entries] == ["1"]
+    registers = len([x for x in ts.calls if x[0] == "register"])
+    result = c.switch_now(m, plan("a", 3, 1, 2, 1), Reason.MANUAL)  # back to v1's plan
+    assert result.ok and "from standby" in result.message
+    assert m.plan.version == "1" and ts.default["a"] == "1"
+    assert len([x for x in ts.calls if x[0] == "register"]) == registers  # nothing new
+    assert [e.plan.version for e in c.standby.set.entries] == ["2"]  # v2 parked instead
+    # a third plan: v2 stays (250 MB hold two versions), a fourth evicts the oldest first
+    assert c.switch_now(m, plan("a", 4, 2, 1, 2), Reason.MANUAL).ok
+    assert sorted(e.plan.version for e in c.standby.set.entries) == ["1", "2"]
+    clock.sleep(1)
+    assert c.switch_now(m, plan("a", 5, 1, 2, 4), Reason.MANUAL).ok
+    ticks(c, clock, 1)  # the eviction and deletions run in the background
+    assert sorted(e.plan.version for e in c.standby.set.entries) == ["1", "4"]
+    assert ("unregister", "a", "2") in ts.calls  # the least recently used went
+    assert c.standby.set.memory_mb <= 250
+    assert sorted(ts.registered("a")) == ["1", "4", "5"]
+
+
+def test_no_budget_deletes_old_versions_as_before(tmp_path, world, memory):  # noqa: F811
+    clock, ts = world
+    c = make_controller(tmp_path, clock, ts)  # standby_memory_mb = 0
+    m = c.models["a"]
+    assert c.switch_now(m, plan("a", 1, 1, 2, 1), Reason.MANUAL).ok
+    assert c.switch_now(m, plan("a", 2, 2, 1, 1), Reason.MANUAL).ok
+    assert ts.registered("a") == ["2"] and c.standby.set.entries == ()
+    memory["each"] = 500  # a version larger than the whole budget is never kept
+    c2 = make_controller(tmp_path / "2", clock, ts, models=("b",), standby_memory_mb=250)
+    assert c2.switch_now(c2.models["b"], plan("b", 1, 1, 2, 1), Reason.MANUAL).ok
+    assert c2.switch_now(c2.models["b"], plan("b", 2, 2, 1, 1), Reason.MANUAL).ok
+    assert ts.registered("b") == ["2"] and c2.standby.set.entries == ()
