@@ -11,8 +11,9 @@ from packrat.core.policy import PolicyParams, manual_plan, plan_for_batch, switc
 from packrat.core.profile import Profile, ProfilePoint
 from packrat.core.switchcost import (
     DEFAULT_STAY_S, LEVELS_KEPT, Kind, LevelHistory, SwitchCost, SwitchStats, expected_stay_s,
-    judge_switch, observe, observe_level, patience_for, shape_of, worth_switching,
+    judge_switch, observe, observe_level, patience_for, worth_switching,
 )
+from packrat.core.plan import shape_of
 
 # As in test_policy_rundir: 4 cores; 4x<t=1,b=1> is best for B = 4 (10 ms), where one
 # 4-thread instance of batch 4 takes 14 ms.

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from enum import Enum
 
 from packrat.core.optimizer import Optimizer
-from packrat.core.plan import ServedPlan
+from packrat.core.plan import ServedPlan, Shape, shape_of
 from packrat.core.policy import PolicyParams, manual_plan, plan_for_batch, switch_verdict
 from packrat.core.switchcost import (
-    NO_LEVELS, NO_MEASUREMENTS, LevelHistory, Shape, SwitchStats, expected_stay_s, shape_of,
+    NO_LEVELS, NO_MEASUREMENTS, LevelHistory, SwitchStats, expected_stay_s,
 )
 from packrat.errors import PackratError, PlanError
 

@@ -46,6 +46,14 @@ class ServedPlan:
 
 
 
+# (instances, threads, batch_size): what makes two plans of a model interchangeable.
+Shape = tuple[int, int, int]
+
+
+def shape_of(plan: ServedPlan) -> Shape:
+    return (plan.instances, plan.threads, plan.batch_size)
+
+
 def slots_for(threads: int, instances: int, cores: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
     """Give instance K the K-th run of `threads` cores, in Packrat's core order (physical first)."""
     if threads * instances > len(cores):

@@ -11,13 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from packrat.core.plan import ServedPlan, slots_for
-
-Shape = tuple[int, int, int]  # (instances, threads, batch_size)
-
-
-def shape_of(plan: ServedPlan) -> Shape:
-    return (plan.instances, plan.threads, plan.batch_size)
+from packrat.core.plan import ServedPlan, Shape, shape_of, slots_for
 
 
 @dataclass(frozen=True)

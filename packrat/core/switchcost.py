@@ -19,20 +19,12 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from statistics import median
 
-from packrat.core.plan import ServedPlan
-
-# (instances, threads, batch_size): what makes two plans interchangeable.
-Shape = tuple[int, int, int]
 
 ALPHA = 0.3            # EWMA weight of the newest switch, once a few are measured
 MAX_SLOWDOWN = 10.0    # one bad measurement (a stall, a GC pause) must not forbid switching
 LEVELS_KEPT = 20       # completed levels remembered: enough for a median, bounded memory
 DEFAULT_STAY_S = 60.0  # no level has ended yet: assume about a minute
 STAY_BOUNDS = (10.0, 600.0)
-
-
-def shape_of(plan: ServedPlan) -> Shape:
-    return (plan.instances, plan.threads, plan.batch_size)
 
 
 class Kind(Enum):
