@@ -7,7 +7,8 @@ then piecewise linear, so arrivals invert it exactly. Smooth shapes (`diurnal`) 
 stepped finely enough (48 steps) that the steps do not show in a latency plot.
 
 Built-in shapes take (duration_s, peak_rps, seed); all but `steady` (60% of it throughout)
-reach exactly `peak_rps`. Only `bursty` uses its seed. Scale a shape to a model with `scaled(trace, 0.8 * best_plan_throughput)`.
+reach exactly `peak_rps`. Only `bursty` uses its seed. Scale a shape to a model with
+`scaled(trace, 0.8 * best_plan_throughput)`.
 
 Pure: no clock, no I/O; `trace_from_csv` parses text its caller read.
 """
