@@ -407,3 +407,18 @@ def test_an_attached_torchserve_is_waited_for_never_restarted_and_served_again(t
     assert c.models["a"].plan.describe() == "1x<t=2,b=1>"
     assert ts.registered("b") == kept_b  # b's version was still there: left alone
     assert "answers again" in read_json(c.run.state_file)["torchserve_event"]
+
+
+def test_a_switch_is_measured_into_the_models_switch_costs(tmp_path, world):
+    clock, ts = world
+    ts.load["a"] = 2.0  # mean requests in the system: a steady load
+    c = make_controller(tmp_path, clock, ts)
+    m = c.models["a"]
+    assert c.switch_now(m, plan("a", 1, 1, 2, 1), Reason.MANUAL).ok
+    ticks(c, clock, 5)
+    assert m.stats.cold.count == 0  # the first switch had no traffic before it
+    assert c.switch_now(m, plan("a", 2, 2, 1, 1), Reason.MANUAL).ok
+    ticks(c, clock, 2)
+    assert m.stats.cold.count == 1 and m.stats.warm.count == 0
+    assert m.stats.cold.slowdown == pytest.approx(0.0, abs=0.05)  # the fake never slows
+    assert m.levels.batch == m.estimator.estimate  # B levels are followed

@@ -2,6 +2,8 @@
 recently used evicted first (packrat.core.standby); and the controller switching back to a
 standby version without registering anything (fake TorchServe, fake clock)."""
 
+import json
+
 import pytest
 
 from packrat.core.decide import Reason
@@ -69,6 +71,8 @@ def test_switching_back_to_a_standby_plan_registers_nothing(tmp_path, world, mem
     assert m.plan.version == "1" and ts.default["a"] == "1"
     assert len([x for x in ts.calls if x[0] == "register"]) == registers  # nothing new
     assert [e.plan.version for e in c.standby.set.entries] == ["2"]  # v2 parked instead
+    logged = [json.loads(line) for line in c.run.switch_log.read_text().splitlines()]
+    assert [(x["version"], x["warm"]) for x in logged] == [("1", False), ("2", False), ("1", True)]
     # a third plan: v2 stays (250 MB hold two versions), a fourth evicts the oldest first
     assert c.switch_now(m, plan("a", 4, 2, 1, 2), Reason.MANUAL).ok
     assert sorted(e.plan.version for e in c.standby.set.entries) == ["1", "2"]

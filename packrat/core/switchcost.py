@@ -178,3 +178,17 @@ def patience_for(warm: bool, base_patience: int) -> int:
     """Intervals the estimator waits before adopting a new B: a warm switch costs little, so a
     third of the patience (at least one interval) is enough; a cold one keeps it all."""
     return max(1, base_patience // 3) if warm else base_patience
+
+
+def mean_latency_ms(totals: tuple[tuple[float, float, float], ...], t0: float,
+                    t1: float) -> float | None:
+    """Mean request latency between t0 and t1 from running totals (time, requests,
+    latency_us) sampled now and then: the samples last at or before each end. None where
+    no request was answered between them (or a sample is missing)."""
+    def at(t):
+        return next((s for s in reversed(totals) if s[0] <= t), None)
+
+    a, b = at(t0), at(t1)
+    if a is None or b is None or b[1] - a[1] <= 0:
+        return None
+    return (b[2] - a[2]) / (b[1] - a[1]) / 1000.0

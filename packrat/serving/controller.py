@@ -17,13 +17,13 @@ switch; no request is dropped, and no thread ever runs outside the allowed cores
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import replace
 
 from packrat.core.decide import (
     Action,
@@ -34,18 +34,20 @@ from packrat.core.decide import (
     Reconfigure,
     SetAuto,
     SetManual,
+    Stay,
     SwitchTo,
     decide,
     decide_request,
 )
-from packrat.core.estimator import EstimatorParams, EstimatorState, Sample, observe
-from packrat.core.optimizer import Optimizer
 from packrat.core.plan import ServedPlan
-from packrat.core.policy import PolicyParams, plan_for_batch
+from packrat.core.policy import plan_for_batch
+from packrat.core.switchcost import (
+    Kind,
+)
 from packrat.errors import PackratError, PlanError, TorchServeError
 from packrat.jsonfile import read_json, write_json
-from packrat.model.sample import Sample as RequestSample
 from packrat.serving.rundir import RunDir
+from packrat.serving.runtime import ControllerParams, ModelRuntime, sample_model
 from packrat.serving.standby import Standby
 from packrat.serving.switch import (
     Retire,
@@ -57,46 +59,6 @@ from packrat.serving.switch import (
 from packrat.torchserve import ServerProcess, TorchServeClient, is_running, stop_server
 
 log = logging.getLogger(__name__)
-
-METRICS = ("ts_inference_requests_total", "ts_inference_latency_microseconds")
-
-
-@dataclass(frozen=True)
-class ControllerParams:
-    interval_s: float = 1.0       # between two scrapes of the metrics (and decisions)
-    tick_s: float = 0.05          # between two ticks while a switch is under way
-    max_batch_delay_ms: int = 10
-    # Old versions kept registered and idle after a switch, for all models together, in MB of
-    # their workers' PSS (0: every old version is deleted once drained).
-    standby_memory_mb: float = 0.0
-    drain_timeout_s: float = 120.0
-    retry_after_s: float = 30.0   # after a failed switch, wait this long before trying again
-    policy: PolicyParams = PolicyParams()
-    estimator: EstimatorParams = EstimatorParams()
-
-
-@dataclass
-class ModelRuntime:
-    """What the controller knows of one model; mutable, owned by the controller loop."""
-
-    name: str
-    base_dir: Path                 # the unpacked archive every version is made from
-    optimizer: Optimizer
-    cores: tuple[int, ...]
-    warm: RequestSample            # a valid request, to warm new versions
-    plan: ServedPlan | None = None
-    auto: bool = True
-    estimator: EstimatorState = field(default_factory=EstimatorState)
-    totals: tuple[float, float] = (0.0, 0.0)   # requests, latency_us summed over versions
-    last_counters: dict[tuple[str, str], float] = field(default_factory=dict)
-    next_version: int = 1
-    reconfigurations: int = 0
-    last_reconfiguration_unix: float | None = None
-    last_error: str | None = None
-    hold_until: float = 0.0        # no automatic switch before this (monotonic seconds)
-    profile_path: Path | None = None  # a profile Packrat measured (and may calibrate)
-    calibration: str | None = None    # Calibration.describe() of the profile planned with
-
 
 class Controller:
     """server and restart_server: the TorchServe this controller watches and how to start it
@@ -162,7 +124,8 @@ class Controller:
     def views(self) -> list[ModelView]:
         return [ModelView(m.name, m.optimizer, m.cores, m.plan, m.auto, m.estimator.estimate,
                           m.name in self.switches or any(a.model == m.name for a in self.queued),
-                          m.hold_until, m.next_version)
+                          m.hold_until, m.next_version, m.stats, m.levels,
+                          self.standby.shapes(m.name, m.cores))
                 for m in self.models.values()]
 
     def carry_out(self, actions: list[Action]) -> None:
@@ -170,7 +133,13 @@ class Controller:
             log.debug("action: %s", action)
             m = self.models.get(getattr(action, "model", None) or "")
             if isinstance(action, SwitchTo):
+                if action.why:
+                    log.info("%s: switching (%s)", action.model, action.why)
                 self.start_switch(action)
+            elif isinstance(action, Stay):
+                if m.last_stay != action.why:
+                    log.info("%s: staying (%s)", action.model, action.why)
+                m.last_stay = action.why
             elif isinstance(action, SetAuto):
                 m.auto, m.hold_until = True, action.hold_until
             elif isinstance(action, SetManual):
@@ -207,6 +176,7 @@ class Controller:
 
     def _promoted(self, switch: Switch) -> None:
         m = self.models[switch.model]
+        m.costing = (Kind.of(switch.from_standby), switch.started, self.clock())
         if m.plan is not None and switch.action.reason is not Reason.RESTORE:
             m.reconfigurations += 1
             m.last_reconfiguration_unix = self.wall()
@@ -226,7 +196,23 @@ class Controller:
         for action in waiting:
             self.start_switch(action)
 
+    def _log_switch(self, switch: Switch) -> None:
+        """Append the switch to RUN/switches.jsonl: decision (its start) to new default."""
+        r = switch.result
+        record = {"model": switch.model, "reason": switch.action.reason.value, "ok": r.ok,
+                  "at_unix": round(self.wall() - (self.clock() - switch.started), 3),
+                  "seconds": round((switch.promoted_at or self.clock()) - switch.started, 3),
+                  "warm": switch.from_standby, "version": switch.plan.version,
+                  "plan": {"instances": switch.plan.instances, "threads": switch.plan.threads,
+                           "batch": switch.plan.batch_size}}
+        try:
+            with open(self.run.switch_log, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            log.warning("cannot write %s: %s", self.run.switch_log, e)
+
     def _finished(self, switch: Switch) -> None:
+        self._log_switch(switch)
         unfit = self.standby.park(switch.model, switch.parked, self.clock())
         if unfit is not None:
             self.start_retire(unfit)
@@ -264,24 +250,7 @@ class Controller:
         return True
 
     def sample(self, m: ModelRuntime, metrics: dict[tuple[str, str, str], float]) -> None:
-        """Add this scrape to the model's running totals (versions come and go, so their own
-        counters restart; only their increases count) and feed the estimator."""
-        requests, latency = m.totals
-        seen = {}
-        for (metric, model, version), value in metrics.items():
-            if model != m.name or metric not in METRICS:
-                continue
-            seen[(metric, version)] = value
-            prev = m.last_counters.get((metric, version), 0.0)
-            delta = value - prev if value >= prev else value  # a reset starts from 0
-            if metric == METRICS[0]:
-                requests += delta
-            else:
-                latency += delta
-        m.last_counters = seen
-        m.totals = (requests, latency)
-        m.estimator = observe(m.estimator, Sample(self.clock(), requests, latency),
-                              self.params.estimator)
+        sample_model(m, metrics, self.clock(), self.params)
 
     # -- a dead TorchServe -----------------------------------------------------------------
 

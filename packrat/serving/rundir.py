@@ -8,6 +8,7 @@
           .packrat-slots/K.lock    flock held by the worker that claimed slot K; holds its pid
     RUN/plans/NAME/N.json          the plan version N serves: threads, batch size, cores per slot
     RUN/requests/ID.json           `packrat reconfigure` asks; ID.result.json is the answer
+    RUN/switches.jsonl             every switch: when, how long to the new default, warm or cold
     RUN/attached.json              with `serve --attach`: the user's TorchServe (its URLs, key
                                    file and model store, which then holds the version directories)
 
@@ -102,6 +103,11 @@ class RunDir:
     @property
     def requests(self) -> Path:
         return self.path / "requests"
+
+    @property
+    def switch_log(self) -> Path:
+        """One JSON line per finished switch (for benchmarks and post-mortems)."""
+        return self.path / "switches.jsonl"
 
     def plan_file(self, model: str, version: str) -> Path:
         return self.path / "plans" / model / f"{version}.json"

@@ -8,7 +8,7 @@ import logging
 from dataclasses import replace
 
 from packrat.core.decide import Reason, SwitchTo
-from packrat.core.plan import ServedPlan
+from packrat.core.plan import ServedPlan, Shape
 from packrat.core.standby import StandbyEntry, StandbySet, admit, make_room, shape_of
 from packrat.measure.memory import pss_mb
 from packrat.serving.rundir import RunDir
@@ -73,6 +73,11 @@ class Standby:
         for e in self.set.entries:
             remove_version_files(self.run, e.model, e.plan.version)
         self.set, self.parking = StandbySet(), {}
+
+    def shapes(self, model: str, cores: tuple[int, ...]) -> frozenset[Shape]:
+        """The plan shapes of model a switch on these cores would find in standby."""
+        return frozenset(shape_of(e.plan) for e in self.set.of(model)
+                         if self.set.find(model, shape_of(e.plan), cores) is not None)
 
     def describe(self, model: str) -> list[dict]:
         """For state.json (and so `packrat status`)."""

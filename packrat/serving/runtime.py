@@ -1,0 +1,116 @@
+"""What the controller keeps per model, and its sampling: TorchServe's counters summed over a
+model's versions feed the estimator, the history of B levels and the measured cost of each
+switch (how long it took, how much slower requests were meanwhile)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from packrat.core.estimator import EstimatorParams, EstimatorState, Sample, observe
+from packrat.core.optimizer import Optimizer
+from packrat.core.plan import ServedPlan
+from packrat.core.policy import PolicyParams
+from packrat.core.switchcost import (
+    NO_LEVELS,
+    NO_MEASUREMENTS,
+    Kind,
+    LevelHistory,
+    SwitchStats,
+    mean_latency_ms,
+    observe_level,
+)
+from packrat.core.switchcost import observe as observe_cost
+from packrat.model.sample import Sample as RequestSample
+
+log = logging.getLogger(__name__)
+
+HISTORY = 64            # samples kept per model: a switch's before and during fit
+BEFORE_INTERVALS = 3    # serving before a switch: the mean over this many intervals
+
+METRICS = ("ts_inference_requests_total", "ts_inference_latency_microseconds")
+
+
+@dataclass(frozen=True)
+class ControllerParams:
+    interval_s: float = 1.0       # between two scrapes of the metrics (and decisions)
+    tick_s: float = 0.05          # between two ticks while a switch is under way
+    max_batch_delay_ms: int = 10
+    # Old versions kept registered and idle after a switch, for all models together, in MB of
+    # their workers' PSS (0: every old version is deleted once drained).
+    standby_memory_mb: float = 0.0
+    drain_timeout_s: float = 120.0
+    retry_after_s: float = 30.0   # after a failed switch, wait this long before trying again
+    policy: PolicyParams = PolicyParams()
+    estimator: EstimatorParams = EstimatorParams()
+
+
+@dataclass
+class ModelRuntime:
+    """What the controller knows of one model; mutable, owned by the controller loop."""
+
+    name: str
+    base_dir: Path                 # the unpacked archive every version is made from
+    optimizer: Optimizer
+    cores: tuple[int, ...]
+    warm: RequestSample            # a valid request, to warm new versions
+    plan: ServedPlan | None = None
+    auto: bool = True
+    estimator: EstimatorState = field(default_factory=EstimatorState)
+    totals: tuple[float, float] = (0.0, 0.0)   # requests, latency_us summed over versions
+    # (time, requests, latency_us) of the last samples: what serving was like around a switch
+    history: tuple[tuple[float, float, float], ...] = ()
+    stats: SwitchStats = NO_MEASUREMENTS        # what its switches cost, warm and cold
+    levels: LevelHistory = NO_LEVELS            # how long its B levels lasted
+    costing: tuple[Kind, float, float] | None = None  # a switch to measure: kind, start, promoted
+    last_counters: dict[tuple[str, str], float] = field(default_factory=dict)
+    next_version: int = 1
+    reconfigurations: int = 0
+    last_reconfiguration_unix: float | None = None
+    last_error: str | None = None
+    hold_until: float = 0.0        # no automatic switch before this (monotonic seconds)
+    profile_path: Path | None = None  # a profile Packrat measured (and may calibrate)
+    calibration: str | None = None    # Calibration.describe() of the profile planned with
+    last_stay: str | None = None      # why the last faster plan was not worth its switch
+
+
+def sample_model(m: ModelRuntime, metrics: dict[tuple[str, str, str], float], now: float,
+                 params: ControllerParams) -> None:
+    """Add this scrape to the model's running totals (versions come and go, so their own
+    counters restart; only their increases count) and feed the estimator."""
+    requests, latency = m.totals
+    seen = {}
+    for (metric, model, version), value in metrics.items():
+        if model != m.name or metric not in METRICS:
+            continue
+        seen[(metric, version)] = value
+        prev = m.last_counters.get((metric, version), 0.0)
+        delta = value - prev if value >= prev else value  # a reset starts from 0
+        if metric == METRICS[0]:
+            requests += delta
+        else:
+            latency += delta
+    m.last_counters = seen
+    m.totals = (requests, latency)
+    m.estimator = observe(m.estimator, Sample(now, requests, latency), params.estimator)
+    m.levels = observe_level(m.levels, m.estimator.estimate, now)
+    m.history = (m.history + ((now, requests, latency),))[-HISTORY:]
+    _cost_of_switch(m, now, params.interval_s)
+
+
+def _cost_of_switch(m: ModelRuntime, now: float, interval_s: float) -> None:
+    """Once a sample follows a switch's promotion: its duration and how much slower
+    requests were during it than in the intervals before, into the model's stats."""
+    if m.costing is None or now < m.costing[2]:
+        return
+    kind, start, promoted = m.costing
+    m.costing = None
+    before = mean_latency_ms(m.history, start - BEFORE_INTERVALS * interval_s, start)
+    during = mean_latency_ms(m.history, start, now)
+    if before is None or during is None or before <= 0:
+        return  # no traffic to be slowed down
+    m.stats = observe_cost(m.stats, kind, promoted - start, (during - before) / before)
+    log.info("%s: a %s switch took %.1f s, requests %.0f%% slower meanwhile; now %s",
+             m.name, kind.value, promoted - start, 100 * (during - before) / before,
+             m.stats.of(kind).describe())
