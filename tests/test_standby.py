@@ -8,6 +8,7 @@ import pytest
 
 from packrat.core.decide import Reason
 from packrat.core.plan import ServedPlan, slots_for
+from packrat.core.policy import plan_for_batch
 from packrat.core.standby import (
     StandbyEntry, StandbySet, admit, make_room, off_cores, shape_of,
 )
@@ -97,3 +98,26 @@ def test_no_budget_deletes_old_versions_as_before(tmp_path, world, memory):  # n
     assert c2.switch_now(c2.models["b"], plan("b", 1, 1, 2, 1), Reason.MANUAL).ok
     assert c2.switch_now(c2.models["b"], plan("b", 2, 2, 1, 1), Reason.MANUAL).ok
     assert ts.registered("b") == ["2"] and c2.standby.set.entries == ()
+
+
+def test_a_settled_model_gets_the_next_plan_loaded_ahead_of_need(tmp_path, world, memory):  # noqa: F811
+    clock, ts = world
+    ts.load["a"] = 0.4  # B = 1, and the live plan's one worker busy 40% of the time
+    c = make_controller(tmp_path, clock, ts, standby_memory_mb=1000)
+    m = c.models["a"]
+    assert c.switch_now(m, plan_for_batch(m.optimizer, "a", "1", 1, CORES)).ok  # B = 1's
+    live = m.plan.version
+    ticks(c, clock, 30)  # settled: the plan for B = 2 is loaded, not served
+    assert m.plan.version == live and ts.default["a"] == live
+    warm = {e.plan.describe() for e in c.standby.set.entries}
+    assert warm, "nothing was loaded ahead of need"
+    logged = [json.loads(line) for line in c.run.switch_log.read_text().splitlines()]
+    assert any(x["reason"] == "prewarm" and x["ok"] for x in logged)
+    registers = len([x for x in ts.calls if x[0] == "register"])
+    ts.load["a"] = 2.0  # the load doubles: B = 2, whose plan was loaded ahead
+    ticks(c, clock, 40)
+    assert m.plan.describe() in warm
+    switched = [x for x in json.loads("[" + ",".join(c.run.switch_log.read_text().splitlines()) + "]")
+                if x["reason"] == "auto" and x["version"] != live]
+    assert switched and switched[0]["warm"], switched  # the change found its plan warm
+    assert len([x for x in ts.calls if x[0] == "register"]) >= registers

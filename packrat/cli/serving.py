@@ -197,6 +197,8 @@ def cmd_status(args) -> int:
             print(f"  switching {m.switching}")
         for st in m.standby:
             print(f"  standby: version {st['version']} {st['plan']} ({st['memory_mb']:.0f} MB)")
+        if m.last_prewarm:
+            print(f"  last plan loaded ahead of need: {m.last_prewarm}")
         if m.last_error:
             print(f"  last error: {m.last_error}")
     return 0

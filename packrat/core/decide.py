@@ -10,9 +10,18 @@ from enum import Enum
 
 from packrat.core.optimizer import Optimizer
 from packrat.core.plan import ServedPlan, Shape, shape_of
-from packrat.core.policy import PolicyParams, manual_plan, plan_for_batch, switch_verdict
+from packrat.core.policy import (
+    PolicyParams,
+    manual_plan,
+    plan_for_batch,
+    switch_verdict,
+)
 from packrat.core.switchcost import (
-    NO_LEVELS, NO_MEASUREMENTS, LevelHistory, SwitchStats, expected_stay_s,
+    NO_LEVELS,
+    NO_MEASUREMENTS,
+    LevelHistory,
+    SwitchStats,
+    expected_stay_s,
 )
 from packrat.errors import PackratError, PlanError
 
@@ -33,12 +42,14 @@ class ModelView:
     stats: SwitchStats = NO_MEASUREMENTS     # measured switch costs (defaults until measured)
     levels: LevelHistory = NO_LEVELS         # how long B levels lasted: the expected stay
     warm_shapes: frozenset[Shape] = frozenset()  # (instances, threads, batch_size) in standby
+    load: float | None = None    # the estimator's smoothed load (mean requests in the system)
 
 
 class Reason(Enum):
     AUTO = "auto"          # the estimate calls for a better plan
     MANUAL = "manual"      # `packrat reconfigure`
     RESTORE = "restore"    # TorchServe restarted: serve the plan again
+    PREWARM = "prewarm"    # load a likely next plan into standby; the live plan stays
 
 
 @dataclass(frozen=True)
@@ -199,3 +210,32 @@ def decide_request(models: list[ModelView], request: Reconfigure, now: float,
                 Answer(request.id, True, f"{view.name} already serves {plan.describe()}",
                        view.plan)]
     return [SwitchTo(plan, Reason.MANUAL, request_id=request.id)]
+
+
+# Ahead of need: a settled model whose load leaves its cores headroom gets the plans of the
+# neighbouring batch sizes loaded into standby, so that the next change is warm too.
+PREWARM_SETTLED_S = 10.0    # the estimate has held this long
+PREWARM_UTILIZATION = 0.5   # at most this share of the live plan's batch capacity in use
+
+
+def prewarm(m: ModelView, now: float) -> SwitchTo | None:
+    """A plan to load into standby for m, or None: the plan for B/2 or 2B (the next levels
+    the estimator reports), neither live nor already warm, while m is under automatic
+    control, settled and using at most half its live plan's capacity. The caller checks
+    that it fits the standby budget without evicting anything."""
+    settled = m.levels.since is not None and now - m.levels.since >= PREWARM_SETTLED_S
+    load = m.load if m.load is not None else m.estimate
+    if (not m.auto or m.switching or now < m.hold_until or m.plan is None or not settled
+            or load > PREWARM_UTILIZATION * m.plan.instances * m.plan.batch_size):
+        return None
+    live = shape_of(m.plan)
+    for batch in (2 * m.estimate, m.estimate // 2):
+        if not 1 <= batch <= m.optimizer.max_servable:
+            continue
+        try:
+            target = plan_for_batch(m.optimizer, m.name, str(m.next_version), batch, m.cores)
+        except PlanError:
+            continue
+        if shape_of(target) != live and shape_of(target) not in m.warm_shapes:
+            return SwitchTo(target, Reason.PREWARM, why=f"ahead of need: the plan for B={batch}")
+    return None

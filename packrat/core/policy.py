@@ -11,7 +11,11 @@ from dataclasses import dataclass
 from packrat.core.optimizer import Optimizer
 from packrat.core.plan import ServedPlan, slots_for
 from packrat.core.switchcost import (
-    DEFAULT_STAY_S, NO_MEASUREMENTS, SwitchJudgement, SwitchStats, judge_switch,
+    DEFAULT_STAY_S,
+    NO_MEASUREMENTS,
+    SwitchJudgement,
+    SwitchStats,
+    judge_switch,
 )
 from packrat.errors import PlanError
 

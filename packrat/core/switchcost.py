@@ -19,7 +19,6 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from statistics import median
 
-
 ALPHA = 0.3            # EWMA weight of the newest switch, once a few are measured
 MAX_SLOWDOWN = 10.0    # one bad measurement (a stall, a GC pause) must not forbid switching
 LEVELS_KEPT = 20       # completed levels remembered: enough for a median, bounded memory

@@ -38,6 +38,7 @@ from packrat.core.decide import (
     SwitchTo,
     decide,
     decide_request,
+    prewarm,
 )
 from packrat.core.plan import ServedPlan
 from packrat.core.policy import plan_for_batch
@@ -118,6 +119,7 @@ class Controller:
             if self.sample_all():
                 self.carry_out(decide(self.views(), now, self.params.policy,
                                       self.params.max_batch_delay_ms))
+                self._prewarm(now)
         if changed:  # an idle tick (every 0.2 s) writes nothing
             self.save_state()
 
@@ -125,7 +127,7 @@ class Controller:
         return [ModelView(m.name, m.optimizer, m.cores, m.plan, m.auto, m.estimator.estimate,
                           m.name in self.switches or any(a.model == m.name for a in self.queued),
                           m.hold_until, m.next_version, m.stats, m.levels,
-                          self.standby.shapes(m.name, m.cores))
+                          self.standby.shapes(m.name, m.cores), m.estimator.smoothed)
                 for m in self.models.values()]
 
     def carry_out(self, actions: list[Action]) -> None:
@@ -170,12 +172,20 @@ class Controller:
 
     # -- warm standby ------------------------------------------------------------------------
 
+    def _prewarm(self, now: float) -> None:
+        """Load a likely next plan of a settled model into standby, where it fits."""
+        for view in self.views():
+            action = prewarm(view, now)
+            if action is not None and self.standby.fits(view.plan, action.plan):
+                log.info("%s: %s", view.name, action.why)
+                self.start_switch(action)
+
     def start_retire(self, plan: ServedPlan) -> None:
         """Delete a version in the background (a task driven like the switches)."""
         self.retiring.append(Retire(self.ctx, plan.model, plan))
 
     def _promoted(self, switch: Switch) -> None:
-        m = self.models[switch.model]
+        m = self.models[switch.model]  # (a prewarm is never promoted)
         m.costing = (Kind.of(switch.from_standby), switch.started, self.clock())
         if m.plan is not None and switch.action.reason is not Reason.RESTORE:
             m.reconfigurations += 1
@@ -213,10 +223,17 @@ class Controller:
 
     def _finished(self, switch: Switch) -> None:
         self._log_switch(switch)
+        m, result = self.models[switch.model], switch.result
         unfit = self.standby.park(switch.model, switch.parked, self.clock())
         if unfit is not None:
             self.start_retire(unfit)
-        m, result = self.models[switch.model], switch.result
+        if switch.prewarm:  # the live plan never moved: nothing to hold off or report
+            if result.ok:
+                m.prewarming = (switch.started, self.clock())
+            else:
+                log.warning("%s", result.message)
+                m.hold_until = self.clock() + self.params.retry_after_s  # no retry loop
+            return
         if not result.ok:
             m.last_error = result.message
             m.hold_until = self.clock() + self.params.retry_after_s
@@ -407,6 +424,7 @@ class Controller:
                 "switching": (f"to {switch.plan.describe()} (version {switch.plan.version}): "
                               f"{switch.phase.value}") if switch else None,
                 "standby": self.standby.describe(m.name),
+                "last_prewarm": m.last_prewarm,
             }
         write_json(self.run.state_file, {
             "controller_pid": os.getpid(), "models": models,

@@ -102,6 +102,7 @@ class ModelStatus:
     calibration: str | None
     switching: str | None           # a switch under way, and its step
     standby: tuple[dict, ...] = ()  # old versions kept loaded: version, plan, memory_mb
+    last_prewarm: str | None = None  # the last plan loaded ahead of need: what it cost
 
     def describe(self) -> str:
         """The live plan as <i, t, b>, "-" if none."""
@@ -119,6 +120,7 @@ class ModelStatus:
             "last_reconfiguration_s": self.last_reconfiguration_s,
             "last_error": self.last_error, "calibration": self.calibration,
             "switching": self.switching, "standby": list(self.standby),
+            "last_prewarm": self.last_prewarm,
         }
 
 
@@ -177,7 +179,8 @@ def status(run_dir: Path) -> Status:
             reconfigurations=st.get("reconfigurations", 0),
             last_reconfiguration_s=round(now - last, 1) if last else None,
             last_error=st.get("last_error"), calibration=st.get("calibration"),
-            switching=st.get("switching"), standby=tuple(st.get("standby") or ()))
+            switching=st.get("switching"), standby=tuple(st.get("standby") or ()),
+            last_prewarm=st.get("last_prewarm"))
     return Status(controller_pid(run), server.frontend_pid if server else None,
                   state.get("torchserve_restarts", 0), state.get("torchserve_event"), models,
                   run.attached.management.url if run.attached else None)

@@ -64,6 +64,8 @@ class ModelRuntime:
     stats: SwitchStats = NO_MEASUREMENTS        # what its switches cost, warm and cold
     levels: LevelHistory = NO_LEVELS            # how long its B levels lasted
     costing: tuple[Kind, float, float] | None = None  # a switch to measure: kind, start, promoted
+    prewarming: tuple[float, float] | None = None     # a prewarm to measure: start, end
+    last_prewarm: str | None = None   # what the last prewarm cost the live plan
     last_counters: dict[tuple[str, str], float] = field(default_factory=dict)
     next_version: int = 1
     reconfigurations: int = 0
@@ -97,6 +99,28 @@ def sample_model(m: ModelRuntime, metrics: dict[tuple[str, str, str], float], no
     m.levels = observe_level(m.levels, m.estimator.estimate, now)
     m.history = (m.history + ((now, requests, latency),))[-HISTORY:]
     _cost_of_switch(m, now, params.interval_s)
+    _cost_of_prewarm(m, now, params.interval_s)
+
+
+def _slowdown(m: ModelRuntime, start: float, now: float, interval_s: float) -> float | None:
+    """How much slower requests were from start to now than in the intervals before."""
+    before = mean_latency_ms(m.history, start - BEFORE_INTERVALS * interval_s, start)
+    during = mean_latency_ms(m.history, start, now)
+    if before is None or during is None or before <= 0:
+        return None  # no traffic to be slowed down
+    return (during - before) / before
+
+
+def _cost_of_prewarm(m: ModelRuntime, now: float, interval_s: float) -> None:
+    """Loading a plan ahead of need shares the cores with the live plan: what it cost."""
+    if m.prewarming is None or now < m.prewarming[1]:
+        return
+    start, end = m.prewarming
+    m.prewarming = None
+    slowdown = _slowdown(m, start, now, interval_s)
+    m.last_prewarm = (f"{end - start:.1f} s, live requests "
+                      + (f"{100 * slowdown:+.0f}%" if slowdown is not None else "not measured"))
+    log.info("%s: prewarming took %s", m.name, m.last_prewarm)
 
 
 def _cost_of_switch(m: ModelRuntime, now: float, interval_s: float) -> None:
@@ -106,11 +130,9 @@ def _cost_of_switch(m: ModelRuntime, now: float, interval_s: float) -> None:
         return
     kind, start, promoted = m.costing
     m.costing = None
-    before = mean_latency_ms(m.history, start - BEFORE_INTERVALS * interval_s, start)
-    during = mean_latency_ms(m.history, start, now)
-    if before is None or during is None or before <= 0:
-        return  # no traffic to be slowed down
-    m.stats = observe_cost(m.stats, kind, promoted - start, (during - before) / before)
+    slowdown = _slowdown(m, start, now, interval_s)
+    if slowdown is None:
+        return
+    m.stats = observe_cost(m.stats, kind, promoted - start, slowdown)
     log.info("%s: a %s switch took %.1f s, requests %.0f%% slower meanwhile; now %s",
-             m.name, kind.value, promoted - start, 100 * (during - before) / before,
-             m.stats.of(kind).describe())
+             m.name, kind.value, promoted - start, 100 * slowdown, m.stats.of(kind).describe())

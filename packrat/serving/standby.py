@@ -26,7 +26,7 @@ class Standby:
     def take(self, action: SwitchTo, cores: tuple[int, ...]) -> tuple[SwitchTo, bool]:
         """The action switching to a standby version of the same plan if there is one
         (which leaves the set: it becomes live), and whether it does."""
-        if action.reason is Reason.RESTORE or not self.budget_mb:
+        if action.reason in (Reason.RESTORE, Reason.PREWARM) or not self.budget_mb:
             return action, False
         entry = self.set.find(action.model, shape_of(action.plan), cores)
         if entry is None:
@@ -41,7 +41,7 @@ class Standby:
         """(standby versions to delete first, whether the old version stays as standby once
         drained): the least recently used go so that it fits the budget, before anything new
         is registered; nothing is kept if it alone does not fit."""
-        if not self.budget_mb or old is None or reason is Reason.RESTORE:
+        if not self.budget_mb or old is None or reason in (Reason.RESTORE, Reason.PREWARM):
             return (), False
         need = pss_mb(self.run.slot_pids(old.model, old.version).values())
         if not 0 < need <= self.budget_mb:
@@ -67,6 +67,17 @@ class Standby:
         log.info("%s: version %s (%s, %.0f MB) kept as standby; %.0f of %.0f MB in use", model,
                  parked.version, parked.describe(), need, self.set.memory_mb, self.budget_mb)
         return None
+
+    def fits(self, live: ServedPlan, target: ServedPlan) -> bool:
+        """Would target, loaded ahead of need, fit the budget without evicting anything?
+        Its memory is estimated from the live version's per-worker PSS."""
+        pids = self.run.slot_pids(live.model, live.version).values()
+        per_worker = pss_mb(pids) / max(1, len(pids))
+        need = per_worker * target.instances
+        if not self.budget_mb or not 0 < need <= self.budget_mb - self.set.memory_mb:
+            return False
+        self.parking[target.model] = need
+        return True
 
     def lost(self) -> None:
         """TorchServe died and took the standby versions with it."""

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from packrat.core.decide import SwitchTo
+from packrat.core.decide import Reason, SwitchTo
 from packrat.core.drain import Drain, observe_drain, start_drain
 from packrat.core.plan import ServedPlan
 from packrat.errors import PackratError, TorchServeError
@@ -153,6 +153,8 @@ class Switch(Task):
         self.base_dir, self.warm = base_dir, warm
         self.on_promoted = on_promoted
         self.from_standby, self.evict, self.park_old = from_standby, evict, park_old
+        # ahead of need: start the version and keep it as standby; the live one stays default
+        self.prewarm = action.reason is Reason.PREWARM
         self.parked: ServedPlan | None = None
         self.promoted_at: float | None = None
         self.phase = Phase.WAITING
@@ -178,7 +180,8 @@ class Switch(Task):
 
     def _run(self) -> Step:
         ctx, plan, name = self.ctx, self.plan, self.model
-        log.info("%s: switching %s -> %s (version %s, predicted %.1f ms at B=%d)", name,
+        log.info("%s: %s %s -> %s (version %s, predicted %.1f ms at B=%d)", name,
+                 "prewarming" if self.prewarm else "switching",
                  self.old.describe() if self.old else "nothing", plan.describe(),
                  plan.version, plan.predicted_ms, plan.for_batch)
         try:
@@ -199,6 +202,11 @@ class Switch(Task):
                                        f"({check.workers} workers, {check.slots} slots)")
             else:
                 yield from self._start_new()
+            if self.prewarm:
+                self.parked = plan
+                self._finish(True, f"{name}: {plan.describe()} loaded as standby version "
+                             f"{plan.version}")
+                return
             self.phase = Phase.PROMOTING
             yield from self._call(ctx.client.set_default, name, plan.version)
         except (PackratError, OSError) as e:
