@@ -3,6 +3,7 @@ recently used evicted first (packrat.core.standby); and the controller switching
 standby version without registering anything (fake TorchServe, fake clock)."""
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -121,3 +122,18 @@ def test_a_settled_model_gets_the_next_plan_loaded_ahead_of_need(tmp_path, world
                 if x["reason"] == "auto" and x["version"] != live]
     assert switched and switched[0]["warm"], switched  # the change found its plan warm
     assert len([x for x in ts.calls if x[0] == "register"]) >= registers
+
+
+def test_the_estimator_is_quicker_to_adopt_a_b_whose_plan_is_warm(tmp_path, world, memory):  # noqa: F811
+    clock, ts = world
+    c = make_controller(tmp_path, clock, ts, standby_memory_mb=1000)
+    m = c.models["a"]
+    assert c.switch_now(m, plan_for_batch(m.optimizer, "a", "1", 1, CORES)).ok
+    assert c.switch_now(m, plan_for_batch(m.optimizer, "a", "2", 2, CORES), Reason.MANUAL).ok
+    assert c.switch_now(m, plan_for_batch(m.optimizer, "a", "3", 1, CORES), Reason.MANUAL).ok
+    base = c.params.estimator
+    m.estimator = replace(m.estimator, candidate=2)  # B = 2's plan is in standby (v2)
+    warm = c.estimator_params(m)
+    assert warm.patience < base.patience and warm.slow_patience < base.slow_patience
+    m.estimator = replace(m.estimator, candidate=8)  # B = 8's plan is not
+    assert c.estimator_params(m) == base

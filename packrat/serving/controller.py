@@ -40,10 +40,12 @@ from packrat.core.decide import (
     decide_request,
     prewarm,
 )
-from packrat.core.plan import ServedPlan
+from packrat.core.estimator import EstimatorParams
+from packrat.core.plan import ServedPlan, shape_of
 from packrat.core.policy import plan_for_batch
 from packrat.core.switchcost import (
     Kind,
+    patience_for,
 )
 from packrat.errors import PackratError, PlanError, TorchServeError
 from packrat.jsonfile import read_json, write_json
@@ -267,7 +269,22 @@ class Controller:
         return True
 
     def sample(self, m: ModelRuntime, metrics: dict[tuple[str, str, str], float]) -> None:
-        sample_model(m, metrics, self.clock(), self.params)
+        sample_model(m, metrics, self.clock(), self.params, self.estimator_params(m))
+
+    def estimator_params(self, m: ModelRuntime) -> EstimatorParams:
+        """A new B whose plan is warm in standby costs little to switch to: the estimator
+        adopts it after a third of its usual patience."""
+        est, candidate = self.params.estimator, m.estimator.candidate
+        if candidate is None or not self.standby.set.of(m.name):
+            return est
+        try:
+            target = plan_for_batch(m.optimizer, m.name, "0", candidate, m.cores)
+        except PlanError:
+            return est
+        if shape_of(target) not in self.standby.shapes(m.name, m.cores):
+            return est
+        return replace(est, patience=patience_for(True, est.patience),
+                       slow_patience=patience_for(True, est.slow_patience))
 
     # -- a dead TorchServe -----------------------------------------------------------------
 

@@ -78,7 +78,7 @@ class ModelRuntime:
 
 
 def sample_model(m: ModelRuntime, metrics: dict[tuple[str, str, str], float], now: float,
-                 params: ControllerParams) -> None:
+                 params: ControllerParams, estimator: EstimatorParams | None = None) -> None:
     """Add this scrape to the model's running totals (versions come and go, so their own
     counters restart; only their increases count) and feed the estimator."""
     requests, latency = m.totals
@@ -95,7 +95,8 @@ def sample_model(m: ModelRuntime, metrics: dict[tuple[str, str, str], float], no
             latency += delta
     m.last_counters = seen
     m.totals = (requests, latency)
-    m.estimator = observe(m.estimator, Sample(now, requests, latency), params.estimator)
+    m.estimator = observe(m.estimator, Sample(now, requests, latency),
+                          estimator or params.estimator)
     m.levels = observe_level(m.levels, m.estimator.estimate, now)
     m.history = (m.history + ((now, requests, latency),))[-HISTORY:]
     _cost_of_switch(m, now, params.interval_s)
