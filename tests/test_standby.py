@@ -3,7 +3,6 @@ recently used evicted first (packrat.core.standby); and the controller switching
 standby version without registering anything (fake TorchServe, fake clock)."""
 
 import json
-from dataclasses import replace
 
 import pytest
 
@@ -11,7 +10,12 @@ from packrat.core.decide import Reason
 from packrat.core.plan import ServedPlan, slots_for
 from packrat.core.policy import plan_for_batch
 from packrat.core.standby import (
-    StandbyEntry, StandbySet, admit, make_room, off_cores, shape_of,
+    StandbyEntry,
+    StandbySet,
+    admit,
+    make_room,
+    off_cores,
+    shape_of,
 )
 from packrat.serving import standby as standby_module
 from tests.test_controller import CORES, make_controller, plan, ticks, world  # noqa: F401
@@ -132,8 +136,7 @@ def test_the_estimator_is_quicker_to_adopt_a_b_whose_plan_is_warm(tmp_path, worl
     assert c.switch_now(m, plan_for_batch(m.optimizer, "a", "2", 2, CORES), Reason.MANUAL).ok
     assert c.switch_now(m, plan_for_batch(m.optimizer, "a", "3", 1, CORES), Reason.MANUAL).ok
     base = c.params.estimator
-    m.estimator = replace(m.estimator, candidate=2)  # B = 2's plan is in standby (v2)
-    warm = c.estimator_params(m)
+    # B = 2's plan is in standby (v2), B = 8's is not
+    warm = c.standby.estimator_params("a", m.optimizer, m.cores, 2, base)
     assert warm.patience < base.patience and warm.slow_patience < base.slow_patience
-    m.estimator = replace(m.estimator, candidate=8)  # B = 8's plan is not
-    assert c.estimator_params(m) == base
+    assert c.standby.estimator_params("a", m.optimizer, m.cores, 8, base) == base

@@ -17,7 +17,6 @@ switch; no request is dropped, and no thread ever runs outside the allowed cores
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -40,12 +39,10 @@ from packrat.core.decide import (
     decide_request,
     prewarm,
 )
-from packrat.core.estimator import EstimatorParams
-from packrat.core.plan import ServedPlan, shape_of
+from packrat.core.plan import ServedPlan
 from packrat.core.policy import plan_for_batch
 from packrat.core.switchcost import (
     Kind,
-    patience_for,
 )
 from packrat.errors import PackratError, PlanError, TorchServeError
 from packrat.jsonfile import read_json, write_json
@@ -208,23 +205,8 @@ class Controller:
         for action in waiting:
             self.start_switch(action)
 
-    def _log_switch(self, switch: Switch) -> None:
-        """Append the switch to RUN/switches.jsonl: decision (its start) to new default."""
-        r = switch.result
-        record = {"model": switch.model, "reason": switch.action.reason.value, "ok": r.ok,
-                  "at_unix": round(self.wall() - (self.clock() - switch.started), 3),
-                  "seconds": round((switch.promoted_at or self.clock()) - switch.started, 3),
-                  "warm": switch.from_standby, "version": switch.plan.version,
-                  "plan": {"instances": switch.plan.instances, "threads": switch.plan.threads,
-                           "batch": switch.plan.batch_size}}
-        try:
-            with open(self.run.switch_log, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as e:
-            log.warning("cannot write %s: %s", self.run.switch_log, e)
-
     def _finished(self, switch: Switch) -> None:
-        self._log_switch(switch)
+        self.run.log_switch(switch.record(self.wall(), self.clock()))
         m, result = self.models[switch.model], switch.result
         unfit = self.standby.park(switch.model, switch.parked, self.clock())
         if unfit is not None:
@@ -269,22 +251,9 @@ class Controller:
         return True
 
     def sample(self, m: ModelRuntime, metrics: dict[tuple[str, str, str], float]) -> None:
-        sample_model(m, metrics, self.clock(), self.params, self.estimator_params(m))
-
-    def estimator_params(self, m: ModelRuntime) -> EstimatorParams:
-        """A new B whose plan is warm in standby costs little to switch to: the estimator
-        adopts it after a third of its usual patience."""
-        est, candidate = self.params.estimator, m.estimator.candidate
-        if candidate is None or not self.standby.set.of(m.name):
-            return est
-        try:
-            target = plan_for_batch(m.optimizer, m.name, "0", candidate, m.cores)
-        except PlanError:
-            return est
-        if shape_of(target) not in self.standby.shapes(m.name, m.cores):
-            return est
-        return replace(est, patience=patience_for(True, est.patience),
-                       slow_patience=patience_for(True, est.slow_patience))
+        est = self.standby.estimator_params(m.name, m.optimizer, m.cores,
+                                            m.estimator.candidate, self.params.estimator)
+        sample_model(m, metrics, self.clock(), self.params, est)
 
     # -- a dead TorchServe -----------------------------------------------------------------
 

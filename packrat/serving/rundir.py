@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -108,6 +109,13 @@ class RunDir:
     def switch_log(self) -> Path:
         """One JSON line per finished switch (for benchmarks and post-mortems)."""
         return self.path / "switches.jsonl"
+
+    def log_switch(self, record: dict) -> None:
+        try:
+            with open(self.switch_log, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a full disk must not stop the controller
+            logging.getLogger(__name__).warning("cannot write %s: %s", self.switch_log, e)
 
     def plan_file(self, model: str, version: str) -> Path:
         return self.path / "plans" / model / f"{version}.json"

@@ -8,8 +8,13 @@ import logging
 from dataclasses import replace
 
 from packrat.core.decide import Reason, SwitchTo
+from packrat.core.estimator import EstimatorParams
+from packrat.core.optimizer import Optimizer
 from packrat.core.plan import ServedPlan, Shape
+from packrat.core.policy import plan_for_batch
 from packrat.core.standby import StandbyEntry, StandbySet, admit, make_room, shape_of
+from packrat.core.switchcost import patience_for
+from packrat.errors import PlanError
 from packrat.measure.memory import pss_mb
 from packrat.serving.rundir import RunDir
 from packrat.serving.versions import remove_version_files
@@ -78,6 +83,21 @@ class Standby:
             return False
         self.parking[target.model] = need
         return True
+
+    def estimator_params(self, model: str, optimizer: Optimizer, cores: tuple[int, ...],
+                         candidate: int | None, est: EstimatorParams) -> EstimatorParams:
+        """A new B whose plan is warm in standby costs little to switch to: the estimator
+        adopts it after a third of its usual patience."""
+        if candidate is None or not self.set.of(model):
+            return est
+        try:
+            target = plan_for_batch(optimizer, model, "0", candidate, cores)
+        except PlanError:
+            return est
+        if shape_of(target) not in self.shapes(model, cores):
+            return est
+        return replace(est, patience=patience_for(True, est.patience),
+                       slow_patience=patience_for(True, est.slow_patience))
 
     def lost(self) -> None:
         """TorchServe died and took the standby versions with it."""

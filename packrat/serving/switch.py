@@ -166,6 +166,16 @@ class Switch(Task):
     def model(self) -> str:
         return self.plan.model
 
+    def record(self, wall_now: float, clock_now: float) -> dict:
+        """The finished switch for RUN/switches.jsonl: decision (its start) to new default."""
+        r = self.result
+        return {"model": self.model, "reason": self.action.reason.value, "ok": r.ok,
+                "at_unix": round(wall_now - (clock_now - self.started), 3),
+                "seconds": round((self.promoted_at or clock_now) - self.started, 3),
+                "warm": self.from_standby, "version": self.plan.version,
+                "plan": {"instances": self.plan.instances, "threads": self.plan.threads,
+                         "batch": self.plan.batch_size}}
+
     def abort(self, why: str) -> None:
         """TorchServe is gone: stop here and remove the new version's files."""
         if self.result is not None:
