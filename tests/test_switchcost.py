@@ -189,3 +189,15 @@ def test_decide_defaults_keep_todays_callers_working():
                   PolicyParams(), 10.0) == []  # same plan: nothing to say
     assert SwitchTo(FOUR, Reason.MANUAL, "r1", "b") == SwitchTo(FOUR, Reason.MANUAL,
                                                                 request_id="r1", after="b")
+
+
+def test_an_overloaded_plan_is_left_for_a_faster_one_whatever_the_cost():
+    # B = 133 is beyond every plan's one-round capacity (at most 4 x 4 here): the live plan's
+    # queue grows, so a faster plan is taken even where the default cold cost outweighs the
+    # relative gain over the expected stay.
+    live = manual_plan(OPT, "m", "1", 1, 4, 1, CORES)       # 1x<t=4,b=1>
+    target = manual_plan(OPT, "m", "2", 4, 1, 4, CORES)     # 4x<t=1,b=4>
+    v = switch_verdict(live, target, OPT, 133, PolicyParams(), stay_s=10.0)
+    assert v.switch and "queue grows" in v.why
+    slower = manual_plan(OPT, "m", "3", 1, 1, 1, CORES)     # fewer cores: not faster
+    assert not switch_verdict(live, slower, OPT, 133, PolicyParams(), stay_s=10.0).switch

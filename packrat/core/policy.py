@@ -102,6 +102,11 @@ def switch_verdict(current: ServedPlan | None, target: ServedPlan, opt: Optimize
     change = f"{now:.1f} -> {new:.1f} ms at B={batch}"
     if math.isinf(now):
         return Verdict(not math.isinf(new), f"{change}: the profile cannot tell the live plan")
+    if batch > current.instances * current.batch_size and new <= now * (1.0 - params.min_gain):
+        # Overloaded (B beyond what any plan holds in one round): requests queue up behind the
+        # live plan and its cost grows with time, not with the stay; take the faster plan.
+        return Verdict(True, f"{change}: {current.describe()} needs several rounds for B; "
+                             "its queue grows")
     if not params.cost_aware:
         ok = new <= now * (1.0 - params.min_gain)
         floor = f"{'at least' if ok else 'under'} {params.min_gain:.0%} faster"

@@ -185,6 +185,7 @@ class Controller:
 
     def _promoted(self, switch: Switch) -> None:
         m = self.models[switch.model]  # (a prewarm is never promoted)
+        self.run.log_switch(switch.record(self.wall(), self.clock(), True))
         m.costing = (Kind.of(switch.from_standby), switch.started, self.clock())
         if m.plan is not None and switch.action.reason is not Reason.RESTORE:
             m.reconfigurations += 1
@@ -206,8 +207,9 @@ class Controller:
             self.start_switch(action)
 
     def _finished(self, switch: Switch) -> None:
-        self.run.log_switch(switch.record(self.wall(), self.clock()))
         m, result = self.models[switch.model], switch.result
+        if switch.promoted_at is None:  # a promoted one was logged then
+            self.run.log_switch(switch.record(self.wall(), self.clock(), result.ok))
         unfit = self.standby.park(switch.model, switch.parked, self.clock())
         if unfit is not None:
             self.start_retire(unfit)

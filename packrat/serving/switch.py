@@ -166,10 +166,10 @@ class Switch(Task):
     def model(self) -> str:
         return self.plan.model
 
-    def record(self, wall_now: float, clock_now: float) -> dict:
-        """The finished switch for RUN/switches.jsonl: decision (its start) to new default."""
-        r = self.result
-        return {"model": self.model, "reason": self.action.reason.value, "ok": r.ok,
+    def record(self, wall_now: float, clock_now: float, ok: bool) -> dict:
+        """The switch for RUN/switches.jsonl, written once it is promoted (or has ended
+        without): decision (its start) to new default."""
+        return {"model": self.model, "reason": self.action.reason.value, "ok": ok,
                 "at_unix": round(wall_now - (clock_now - self.started), 3),
                 "seconds": round((self.promoted_at or clock_now) - self.started, 3),
                 "warm": self.from_standby, "version": self.plan.version,
