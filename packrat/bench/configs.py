@@ -12,6 +12,7 @@ from pathlib import Path
 
 from packrat.core.optimizer import Optimizer
 from packrat.core.plan import describe
+from packrat.core.stats import percentile
 from packrat.errors import PackratError
 from packrat.measure.foreign import FOREIGN_LIMIT_CORES
 
@@ -105,17 +106,6 @@ def default_seconds(batch_ms: float) -> float:
 
 def warmup_seconds(batch_ms: float) -> float:
     return min(3.0, max(0.5, 1.5 * batch_ms / 1000.0))
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    xs = sorted(values)
-    if not xs:
-        return math.nan
-    pos = (len(xs) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 @dataclass(frozen=True)

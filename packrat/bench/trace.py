@@ -33,9 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from packrat.bench.configs import Config, percentile
+from packrat.bench.configs import Config
 from packrat.core.optimizer import Optimizer
 from packrat.core.policy import served_latency
+from packrat.core.stats import percentile
 from packrat.core.trace import SHAPES, Trace, arrivals, scaled, trace_from_csv
 from packrat.errors import PackratError
 from packrat.measure.foreign import FOREIGN_LIMIT_CORES

@@ -15,7 +15,7 @@ def window_seconds(duration_s: float) -> float:
 
 
 def plot_trace(result: TraceResult, path: Path) -> Path:
-    from packrat.bench.plots import _pyplot
+    from packrat.bench.plots import _pyplot, save_figure
 
     plt = _pyplot()
     trace = result.trace
@@ -55,12 +55,7 @@ def plot_trace(result: TraceResult, path: Path) -> Path:
     axes[-1, 0].set_xlabel(f"seconds into the trace (windows of {window:g} s)")
     axes[-1, 0].set_xlim(0, trace.duration_s)
     fig.suptitle(f"{result.model}: trace {trace.describe()}, seed {result.seed}", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _ms(x: float | None) -> str:

@@ -30,6 +30,7 @@ from typing import Protocol
 
 import requests
 
+from packrat.core.stats import percentile
 from packrat.errors import PackratError
 
 
@@ -62,17 +63,6 @@ class Window:
     answered: int
     p50_ms: float | None  # of those answered; None if none was
     p99_ms: float | None
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0..100), interpolated linearly between ranks (numpy's default)."""
-    v = sorted(values)
-    if not v:
-        raise ValueError("percentile of no values")
-    x = (len(v) - 1) * q / 100
-    lo = math.floor(x)
-    hi = min(lo + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (x - lo)
 
 
 @dataclass(frozen=True)
