@@ -4,8 +4,6 @@ stopped after."""
 
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ from packrat.errors import PackratError
 from packrat.model.archive import build_zoo_archive
 from packrat.serving.rundir import RunDir
 from packrat.torchserve import server_processes, torchserve_command
-from tests.serving import CORES, N_SERVE, PROFILE, packrat, status, wait_for
+from tests.serving import CORES, N_SERVE, PROFILE, start_serve, stop_serve
 
 # Under CI a missing prerequisite (Java, torchserve, transformers, matplotlib, cores) is a
 # broken runner, not a reason to pass with holes: every skip is reported as a failure.
@@ -84,28 +82,13 @@ def served(tmp_path):
     profile = tmp_path / "small.csv"
     profile.write_text(PROFILE)
     run = tmp_path / "run"
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "packrat.cli", "serve", "--run-dir", run, "--models",
-         f"small-cnn={mar}", "--profiles", f"small-cnn={profile}", "--interval", "0.5",
-         "--cores", str(N_SERVE), "--standby-memory", "0"],  # old versions deleted (test_standby keeps them)
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-
-    def registered():
-        if proc.poll() is not None:  # fail now, with its log, rather than at the timeout
-            raise AssertionError(f"packrat serve exited {proc.returncode}:\n"
-                                 f"{(tmp_path / 'serve.log').read_text()[-3000:]}")
-        return (run / "state.json").is_file() and status(run)["models"]["small-cnn"]["version"]
-
+    # old versions deleted: test_standby_serving is the one that keeps them
+    proc = start_serve(run, "small-cnn", "--models", f"small-cnn={mar}", "--profiles",
+                       f"small-cnn={profile}", "--interval", "0.5", "--cores", N_SERVE,
+                       "--standby-memory", 0, log=tmp_path / "serve.log", timeout=90)
     try:
-        wait_for(registered, what="packrat serve to register small-cnn")
         yield proc, run, archives / "small-cnn.example.json"
     finally:
-        if proc.poll() is None:
-            stop = packrat("stop", "--run-dir", run)
-            assert stop.returncode == 0, stop.stderr
-        proc.wait(timeout=60)
-        log.close()
+        stop_serve(proc, run)
         print((tmp_path / "serve.log").read_text())
         assert server_processes(RunDir(run).torchserve) == []

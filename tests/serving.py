@@ -1,11 +1,12 @@
-"""Helpers of the tests that run `packrat serve` on a real TorchServe with small-cnn; the
-`served` fixture is in conftest.py."""
+"""Helpers of the tests that run `packrat serve` on a real TorchServe (small-cnn, or the
+user-style archives); the `served` fixture is in conftest.py."""
 
 import json
 import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from packrat.measure.cpus import usable_cores
 from packrat.measure.loadgen import ClosedLoop
@@ -48,6 +49,44 @@ def status(run):
     out = packrat("status", "--run-dir", run, "--json")
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
+
+
+def start_serve(run, model, *args, log, env=None, timeout=300):
+    """`packrat serve --run-dir RUN ARGS`, its output in the file `log`, once it serves
+    `model`; if it exits first, fail at once with the end of its log."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "packrat.cli", "serve", "--run-dir",
+                                 str(run), *map(str, args)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+
+    def registered():
+        if proc.poll() is not None:
+            raise AssertionError(f"packrat serve exited {proc.returncode}:\n"
+                                 f"{Path(log).read_text()[-3000:]}")
+        return (Path(run) / "state.json").is_file() and status(run)["models"][model]["version"]
+
+    wait_for(registered, timeout=timeout, what=f"packrat serve to register {model}")
+    return proc
+
+
+def stop_serve(proc, run) -> str:
+    """`packrat stop` if it still runs, then wait for it; what stop printed."""
+    said = ""
+    if proc.poll() is None:
+        out = packrat("stop", "--run-dir", run)
+        assert out.returncode == 0, out.stderr
+        said = out.stdout
+    proc.wait(timeout=120)
+    return said
+
+
+def loopback_properties(ports, extra=""):
+    """A user's config.properties: every listener on loopback at the given ports."""
+    return (f"inference_address=http://127.0.0.1:{ports.inference}\n"
+            f"management_address=http://127.0.0.1:{ports.management}\n"
+            f"metrics_address=http://127.0.0.1:{ports.metrics}\n"
+            f"grpc_inference_port={ports.grpc_inference}\n"
+            f"grpc_management_port={ports.grpc_management}\n" + extra)
 
 
 def wait_for(predicate, timeout=90, what="condition"):

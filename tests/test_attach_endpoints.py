@@ -27,6 +27,7 @@ from packrat.torchserve import (
     torchserve_command,
 )
 from tests.conftest import TORCHSERVE, has_torchserve, require, require_now
+from tests.serving import loopback_properties
 
 needs_torchserve = require(has_torchserve(), TORCHSERVE)
 
@@ -56,14 +57,7 @@ def start_user_torchserve(root: Path, extra: str) -> UserServer:
     store.mkdir()
     ports = Ports.free()
     config = cwd / "theirs.properties"
-    config.write_text(
-        f"inference_address=http://127.0.0.1:{ports.inference}\n"
-        f"management_address=http://127.0.0.1:{ports.management}\n"
-        f"metrics_address=http://127.0.0.1:{ports.metrics}\n"
-        f"grpc_inference_port={ports.grpc_inference}\n"
-        f"grpc_management_port={ports.grpc_management}\n"
-        "enable_model_api=true\n" + extra
-    )
+    config.write_text(loopback_properties(ports, "enable_model_api=true\n" + extra))
     with open(root / "launcher.log", "w") as log:  # not a pipe: java inherits it
         subprocess.run([torchserve_command(), "--start", "--ts-config", config,
                         "--model-store", store, "--ncs"],

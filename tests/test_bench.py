@@ -205,7 +205,7 @@ def test_measure_closed_loop_accounts_for_every_request():
 
 def test_start_tries_fresh_ports_only_when_one_was_taken(monkeypatch):
     import packrat.torchserve as ts
-    from packrat.bench.runner import _start_on_free_ports
+    from packrat.bench.runner import start_on_free_ports
 
     starts = []
 
@@ -217,7 +217,7 @@ def test_start_tries_fresh_ports_only_when_one_was_taken(monkeypatch):
 
     monkeypatch.setattr(ts, "start_server", start_server)
     with pytest.raises(TorchServeError):  # nothing holds its ports: the failure is TorchServe's
-        _start_on_free_ports(lambda ports: SimpleNamespace(ports=ports))
+        start_on_free_ports(lambda ports: SimpleNamespace(ports=ports))
     assert len(starts) == 1
 
     starts.clear()
@@ -232,7 +232,7 @@ def test_start_tries_fresh_ports_only_when_one_was_taken(monkeypatch):
 
     monkeypatch.setattr(ts.Ports, "free", staticmethod(taken_meanwhile))
     with taker:
-        settings, server = _start_on_free_ports(lambda ports: SimpleNamespace(ports=ports))
+        settings, server = start_on_free_ports(lambda ports: SimpleNamespace(ports=ports))
     assert server == "server" and len(starts) == 2 and settings.ports == starts[1] != starts[0]
 
 

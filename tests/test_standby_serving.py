@@ -4,8 +4,6 @@ workers stay pinned and idle; a killed standby worker is replaced by TorchServe 
 touching the live plan; a budget that holds one version evicts the older; stop leaves no
 process."""
 
-import subprocess
-import sys
 
 import psutil
 import pytest
@@ -16,7 +14,7 @@ from packrat.serving.ops import reconfigure
 from packrat.serving.rundir import RunDir
 from tests.conftest import TORCHSERVE, has_torchserve, require_now
 from tests.serving import (
-    CORES, N_SERVE, PROFILE, assert_pinned, load_for, status, wait_answered, wait_for,
+    CORES, N_SERVE, PROFILE, assert_pinned, load_for, start_serve, status, stop_serve, wait_answered, wait_for,
 )
 
 pytestmark = pytest.mark.integration
@@ -33,27 +31,14 @@ def _serve(tmp_path, budget_mb):
     profile = tmp_path / "small.csv"
     profile.write_text(PROFILE)
     run = tmp_path / "run"
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "packrat.cli", "serve", "--run-dir", run, "--models",
-         f"small-cnn={mar}", "--profiles", f"small-cnn={profile}", "--interval", "0.5",
-         "--cores", str(N_SERVE), "--standby-memory", str(budget_mb)],
-        stdout=log, stderr=subprocess.STDOUT)
-
-    def registered():
-        if proc.poll() is not None:
-            raise AssertionError((tmp_path / "serve.log").read_text()[-3000:])
-        return (run / "state.json").is_file() and status(run)["models"]["small-cnn"]["version"]
-
-    wait_for(registered, what="packrat serve to register small-cnn")
+    proc = start_serve(run, "small-cnn", "--models", f"small-cnn={mar}", "--profiles",
+                       f"small-cnn={profile}", "--interval", "0.5", "--cores", N_SERVE,
+                       "--standby-memory", budget_mb, log=tmp_path / "serve.log", timeout=90)
     return proc, run, tmp_path / "archives" / "small-cnn.example.json"
 
 
 def _stop(proc, run):
-    out = subprocess.run([sys.executable, "-m", "packrat.cli", "stop", "--run-dir", run],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    proc.wait(timeout=60)
+    stop_serve(proc, run)
     left = [p for p in psutil.process_iter(["cmdline"])
             if any(str(run) in part for part in (p.info["cmdline"] or []))]
     assert left == [], left  # no frontend, no worker, standby or not

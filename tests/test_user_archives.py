@@ -21,7 +21,7 @@ from packrat.torchserve import TorchServeClient, load_settings
 from tests import user_archives
 from tests.conftest import TORCHSERVE, has_torchserve, require_now
 from tests.serving import (
-    CORES, N_SERVE, assert_pinned, packrat, status, wait_answered, wait_for,
+    CORES, N_SERVE, assert_pinned, packrat, start_serve, status, stop_serve, wait_answered,
 )
 
 pytestmark = pytest.mark.integration
@@ -57,29 +57,16 @@ def serve_user_archive(tmp_path):
     def start(kind, *extra):
         archive = user_archives.build(kind, tmp_path / "archives")
         run = tmp_path / f"run-{kind}"
-        log = open(tmp_path / f"serve-{kind}.log", "w")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "packrat.cli", "serve", "--run-dir", run, "--models",
-             f"{kind}={archive.mar}", "--sample", f"{kind}={archive.sample}", "--max-batch", "8",
-             "--no-calibrate", "--interval", "0.5", "--cores", str(N_SERVE), *extra],
-            stdout=log, stderr=subprocess.STDOUT)
+        proc = start_serve(run, kind, "--models", f"{kind}={archive.mar}", "--sample",
+                           f"{kind}={archive.sample}", "--max-batch", 8, "--no-calibrate",
+                           "--interval", 0.5, "--cores", N_SERVE, *extra,
+                           log=tmp_path / f"serve-{kind}.log")
         procs.append((proc, run))
-
-        def registered():
-            if proc.poll() is not None:
-                raise AssertionError(f"packrat serve exited {proc.returncode}:\n"
-                                     f"{(tmp_path / f'serve-{kind}.log').read_text()[-3000:]}")
-            return (run / "state.json").is_file() and status(run)["models"][kind]["version"]
-
-        wait_for(registered, timeout=300, what=f"packrat serve to register {kind}")
         return archive, run
 
     yield start
     for proc, run in procs:
-        if proc.poll() is None:
-            out = packrat("stop", "--run-dir", run)
-            assert out.returncode == 0, out.stderr
-        proc.wait(timeout=60)
+        stop_serve(proc, run)
 
 
 @pytest.mark.parametrize("kind", sorted(user_archives.BUILDERS))

@@ -18,37 +18,16 @@ from packrat.serving.rundir import RunDir
 from packrat.torchserve import Ports
 from tests import user_archives
 from tests.conftest import TORCHSERVE, has_torchserve, require_now
-from tests.serving import CORES, N_SERVE, assert_pinned, packrat, status, wait_answered, wait_for
+from tests.serving import CORES, N_SERVE, assert_pinned, loopback_properties, packrat, start_serve, status, stop_serve, wait_answered, wait_for
 from tests.test_attach_endpoints import start_user_torchserve, stop_user_torchserve
 
 pytestmark = pytest.mark.integration
 
 
 def _serve(tmp_path, run, *args, name):
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "packrat.cli", "serve", "--run-dir", run, "--no-calibrate",
-         "--max-batch", "4", "--interval", "0.5", "--cores", str(N_SERVE), *map(str, args)],
-        stdout=log, stderr=subprocess.STDOUT,
-        env={**os.environ, "PACKRAT_CACHE_DIR": str(tmp_path / "cache")})
-
-    def registered():
-        if proc.poll() is not None:
-            raise AssertionError(f"packrat serve exited {proc.returncode}:\n"
-                                 f"{(tmp_path / 'serve.log').read_text()[-3000:]}")
-        return (run / "state.json").is_file() and status(run)["models"][name]["version"]
-
-    wait_for(registered, timeout=300, what=f"packrat serve to register {name}")
-    return proc
-
-
-def _stop(proc, run):
-    if proc.poll() is None:
-        out = packrat("stop", "--run-dir", run)
-        assert out.returncode == 0, out.stderr
-        proc.wait(timeout=120)
-        return out.stdout
-    return ""
+    return start_serve(run, name, "--no-calibrate", "--max-batch", 4, "--interval", 0.5,
+                       "--cores", N_SERVE, *args, log=tmp_path / "serve.log",
+                       env={**os.environ, "PACKRAT_CACHE_DIR": str(tmp_path / "cache")})
 
 
 def _pinned_like_its_plan(run, name):
@@ -64,14 +43,8 @@ def test_ts_config_kservev2(tmp_path):
     archive = user_archives.build_kserve(tmp_path / "archives")
     ports = Ports.free()
     config = tmp_path / "theirs.properties"
-    config.write_text(
-        f"inference_address=http://127.0.0.1:{ports.inference}\n"
-        f"management_address=http://127.0.0.1:{ports.management}\n"
-        f"metrics_address=http://127.0.0.1:{ports.metrics}\n"
-        f"grpc_inference_port={ports.grpc_inference}\n"
-        f"grpc_management_port={ports.grpc_management}\n"
-        "job_queue_size=50\n"
-        "service_envelope=kservev2\n")
+    config.write_text(loopback_properties(
+        ports, "job_queue_size=50\nservice_envelope=kservev2\n"))
     before = config.read_text()
     run = tmp_path / "run"
     proc = _serve(tmp_path, run, "--ts-config", config, "--models", f"kserve={archive.mar}",
@@ -92,7 +65,7 @@ def test_ts_config_kservev2(tmp_path):
         expected = sum((3 + i) * (0.5 + 1.5 * i / 7) for i in range(8))
         assert abs(answer["outputs"][0]["data"][0] - expected) < 1e-3
     finally:
-        _stop(proc, run)
+        stop_serve(proc, run)
     assert config.read_text() == before  # the user's file is untouched
 
 
@@ -133,7 +106,7 @@ def test_attach_switch_stop_and_the_user_torchserve_serves_on(tmp_path, theirs):
             assert out.returncode == 0, out.stderr
             assert_pinned(status(run)["models"]["m"], instances, threads)
             wait_answered(load, load.result.answered + 20)
-        said = _stop(proc, run)
+        said = stop_serve(proc, run)
         assert "keeps serving" in said
         wait_answered(load, load.result.answered + 20)  # serving on, through the stop
     finally:

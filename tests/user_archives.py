@@ -276,45 +276,41 @@ def build_func_json(out_dir: Path) -> UserArchive:
     return UserArchive("func_json", mar, sample, "application/json")
 
 
-def build_yaml_text(out_dir: Path) -> UserArchive:
+def _handler_only(out_dir: Path, name: str, handler_text: str, sample: bytes, suffix: str,
+                  content_type: str, *, function: str | None = None,
+                  config_text: str | None = None) -> UserArchive:
+    """An archive of one handler file (and a model-config.yaml) that builds its model itself;
+    the archiver still wants a serialized file, so it gets an empty one."""
     out_dir = Path(out_dir)
-    src = out_dir / "yaml_text-src"
+    src = out_dir / f"{name}-src"
     src.mkdir(parents=True, exist_ok=True)
-    (src / "yaml_handler.py").write_text(YAML_HANDLER)
-    (src / "model-config.yaml").write_text(YAML_CONFIG)
-    (src / "unused.pt").write_bytes(b"")  # the archiver wants a serialized file
-    mar = _archive(out_dir, "yaml_text", str(src / "yaml_handler.py"),
-                   serialized=src / "unused.pt", config=src / "model-config.yaml")
-    sample = out_dir / "yaml_text-sample.txt"
-    sample.write_bytes(yaml_text())
-    return UserArchive("yaml_text", mar, sample, "text/plain")
+    handler = src / f"{name}_handler.py"
+    handler.write_text(handler_text)
+    (src / "unused.pt").write_bytes(b"")
+    config = None
+    if config_text is not None:
+        config = src / "model-config.yaml"
+        config.write_text(config_text)
+    entry = f"{handler.with_suffix('')}:{function}" if function else str(handler)
+    mar = _archive(out_dir, name, entry, serialized=src / "unused.pt", config=config)
+    sample_path = out_dir / f"{name}-sample{suffix}"
+    sample_path.write_bytes(sample)
+    return UserArchive(name, mar, sample_path, content_type)
+
+
+def build_yaml_text(out_dir: Path) -> UserArchive:
+    return _handler_only(out_dir, "yaml_text", YAML_HANDLER, yaml_text(), ".txt", "text/plain",
+                         config_text=YAML_CONFIG)
 
 
 def build_kserve(out_dir: Path) -> UserArchive:
     """For a TorchServe with service_envelope=kservev2: the sample is a KServe v2 request."""
-    out_dir = Path(out_dir)
-    src = out_dir / "kserve-src"
-    src.mkdir(parents=True, exist_ok=True)
-    (src / "kserve_handler.py").write_text(KSERVE_HANDLER)
-    (src / "unused.pt").write_bytes(b"")
-    mar = _archive(out_dir, "kserve", f"{src / 'kserve_handler'}:handle",
-                   serialized=src / "unused.pt")
-    sample = out_dir / "kserve-sample.json"
-    sample.write_bytes(kserve_v2())
-    return UserArchive("kserve", mar, sample, "application/json")
+    return _handler_only(out_dir, "kserve", KSERVE_HANDLER, kserve_v2(), ".json",
+                         "application/json", function="handle")
 
 
 def build_failing_init(out_dir: Path) -> UserArchive:
-    out_dir = Path(out_dir)
-    src = out_dir / "broken-src"
-    src.mkdir(parents=True, exist_ok=True)
-    (src / "broken_handler.py").write_text(FAILING_HANDLER)
-    (src / "unused.pt").write_bytes(b"")
-    mar = _archive(out_dir, "broken", str(src / "broken_handler.py"),
-                   serialized=src / "unused.pt")
-    sample = out_dir / "broken-sample.txt"
-    sample.write_bytes(b"1.0")
-    return UserArchive("broken", mar, sample, "text/plain")
+    return _handler_only(out_dir, "broken", FAILING_HANDLER, b"1.0", ".txt", "text/plain")
 
 
 def build_no_handler(out_dir: Path) -> UserArchive:

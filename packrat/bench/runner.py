@@ -281,7 +281,7 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = lambda s: None
                                 largest_b=max(options.batches), quiet_wait_s=options.quiet_wait_s)
                   for name in options.models]
         queue = max(100, 2 * len(cores) * max(options.batches))  # warm-up sends i x b at once
-        settings, server = _start_on_free_ports(lambda ports: ServerSettings(
+        settings, server = start_on_free_ports(lambda ports: ServerSettings(
             workdir=run.torchserve, model_store=run.model_store, ports=ports,
             properties=(("job_queue_size", str(queue)),)))
         client = TorchServeClient(settings, timeout_s=60)
@@ -307,7 +307,7 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = lambda s: None
     return rows
 
 
-def _start_on_free_ports(settings_for):
+def start_on_free_ports(settings_for):
     """(settings, server): TorchServe started on free ports.
 
     Ports.free() finds five free ports but cannot hold them while TorchServe's JVM starts and
@@ -323,7 +323,7 @@ def _start_on_free_ports(settings_for):
     try:
         return settings, start_server(settings)
     except TorchServeError:
-        taken = _ports_in_use(settings.ports)
+        taken = ports_in_use(settings.ports)
         if not taken:
             raise
         log.info("ports %s were taken while TorchServe started; starting on fresh ports", taken)
@@ -331,7 +331,7 @@ def _start_on_free_ports(settings_for):
     return settings, start_server(settings)
 
 
-def _ports_in_use(ports) -> list[int]:
+def ports_in_use(ports) -> list[int]:
     """Those of ports that a socket on this machine listens on or connects from."""
     import psutil
 

@@ -79,7 +79,7 @@ def _calibrated(m, run: RunDir, cores: tuple[int, ...], options: TraceOptions,
     """m's profile calibrated as `packrat serve` calibrates it (the cached calibration, else
     one measured now through a TorchServe started for it, then stopped); as measured if
     calibration fails, as serve then plans."""
-    from packrat.bench.runner import _start_on_free_ports
+    from packrat.bench.runner import start_on_free_ports
     from packrat.serving.calibrate import (
         cached_calibration,
         calibrated_profile,
@@ -96,7 +96,7 @@ def _calibrated(m, run: RunDir, cores: tuple[int, ...], options: TraceOptions,
     found = cached_calibration(m.profile_path, len(cores), delay)
     if found is None:
         tell(f"{m.name}: calibrating the profile through TorchServe (cached for every serve)")
-        settings, server = _start_on_free_ports(lambda ports: ServerSettings(
+        settings, server = start_on_free_ports(lambda ports: ServerSettings(
             workdir=run.torchserve, model_store=run.model_store, ports=ports))
         try:
             found = calibrated_profile(
@@ -152,7 +152,7 @@ class Served:
 
     def _launch(self) -> None:
         """serve on fresh loopback ports (again on others if one was taken meanwhile)."""
-        from packrat.bench.runner import _ports_in_use
+        from packrat.bench.runner import ports_in_use
         from packrat.torchserve import Ports
 
         for attempt in (1, 2):
@@ -163,9 +163,9 @@ class Served:
             try:
                 return self._wait_serving()
             except PackratError:
-                if attempt == 2 or self.proc.poll() is None or not _ports_in_use(ports):
+                if attempt == 2 or self.proc.poll() is None or not ports_in_use(ports):
                     raise
-                self.tell(f"{self.name}: ports {_ports_in_use(ports)} were taken meanwhile; "
+                self.tell(f"{self.name}: ports {ports_in_use(ports)} were taken meanwhile; "
                           "starting again on fresh ports")
 
     def _watch(self):

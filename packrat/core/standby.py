@@ -9,7 +9,7 @@ torch libraries the workers share once, not once per worker as RSS does).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from packrat.core.plan import ServedPlan, Shape, shape_of, slots_for
 
@@ -74,10 +74,6 @@ def off_cores(standby: StandbySet, model: str, cores: tuple[int, ...]
     """A model's cores changed: its standby versions pinned elsewhere go. (kept, evicted)."""
     gone = tuple(e for e in standby.of(model) if not _cores(e.plan) <= set(cores))
     return standby.without(*gone), gone
-
-
-def touch(entry: StandbyEntry, now: float) -> StandbyEntry:
-    return replace(entry, last_used=now)
 
 
 def _cores(plan: ServedPlan) -> set[int]:

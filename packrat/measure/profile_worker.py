@@ -162,19 +162,14 @@ def main(job: dict) -> None:
         shared, neighbors = _start_neighbors(runner, threads, job) if job["contended"] else (None, [])
         rejected = None
         read_fd, write_fd = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: measure one row, report on the pipe, never return
+
+        def measure_in_child():  # runs at once, in the fork below
             os.close(read_fd)
-            code = 1
-            try:
-                with os.fdopen(write_fd, "w") as out:
-                    measure_row(runner, threads, job["cores"][:threads], cap, batches, job, out,
-                                shared)
-                code = 0
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                os._exit(code)
+            with os.fdopen(write_fd, "w") as out:
+                measure_row(runner, threads, job["cores"][:threads], cap, batches, job, out,
+                            shared)
+
+        pid = _fork(measure_in_child)  # measures one row, reports on the pipe
         os.close(write_fd)
         with os.fdopen(read_fd) as rows:
             for line in rows:
@@ -210,18 +205,25 @@ def _start_neighbors(runner: Runner, threads: int, job: dict):
     shared = RawValue("i", 0)  # shared memory, inherited by the forks
     pids = []
     for k in range(1, count + 1):
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                _run_neighbor(runner, threads, job["cores"][k * threads:(k + 1) * threads], shared)
-                code = 0
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                os._exit(code)
-        pids.append(pid)
+        cores = job["cores"][k * threads:(k + 1) * threads]
+        pids.append(_fork(lambda cores=cores: _run_neighbor(runner, threads, cores, shared)))
     return shared, pids
+
+
+def _fork(work) -> int:
+    """Run work() in a forked child, which never returns: it exits 0, or 1 with the
+    traceback on stderr. The parent gets the child's pid."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            work()
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    return pid
 
 
 def _run_neighbor(runner: Runner, threads: int, cores: list[int], shared) -> None:

@@ -72,9 +72,6 @@ class Sample:
         h = hashlib.sha256(self.content_type.encode() + b"\0" + self.body)
         return h.hexdigest()[:20]
 
-    def to_json(self) -> dict[str, Any]:
-        return {"path": self.source, "content_type": self.content_type}
-
 
 def content_type_of(path: Path) -> str:
     suffix = Path(path).suffix.lower()
