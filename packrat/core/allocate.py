@@ -30,8 +30,8 @@ in one step is decided the same way in the next.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -78,7 +78,7 @@ class ServedCurve:
         self._cache: dict[int, tuple[Plan | None, ...]] = {}
 
     @classmethod
-    def of(cls, profile: Profile, cores: int) -> "ServedCurve":
+    def of(cls, profile: Profile, cores: int) -> ServedCurve:
         return cls(Optimizer(profile, cores))
 
     def plans(self, batch: int) -> tuple[Plan | None, ...]:
