@@ -118,3 +118,138 @@ def test_plan_on_a_profile_measured_by_packrat_on_16_cores():
     one, sixteen = json.loads(out.stdout)
     assert one["speedup"] == 1.0  # nothing to split
     assert sixteen["speedup"] > 1.5  # 16 one-thread instances beat one 16-thread instance
+
+
+# -- the cost view: --slo-ms -------------------------------------------------------------------
+
+def test_plan_slo_cost_json_keeps_the_fields_and_adds_the_cost():
+    resnet = DATA / "pytorch_resnet_latency.csv"
+    out = packrat("plan", "--profile", resnet, "--cores", 16, "--batch", 8, "--slo-ms", 60,
+                  "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    plain = json.loads(packrat("plan", "--profile", resnet, "--cores", 16, "--batch", 8,
+                               "--json").stdout)
+    assert {k: v for k, v in data.items() if k != "slo_cost"} == plain
+    # 8x<t=2,b=1> on all 16 cores takes 32 ms; 60 ms needs only 8 cores: 4x<t=2,b=2>
+    cost = data["slo_cost"]
+    assert cost["met"] is True and cost["cores"] == 8 and cost["slo_ms"] == 60.0
+    assert cost["plan"]["instances"] == [{"threads": 2, "batch": 2}] * 4
+    assert cost["plan"]["latency_ms"] <= 60.0
+    assert cost["best_latency_ms"] == data["served"]["latency_ms"]
+
+
+def test_plan_slo_cost_out_of_reach_and_text():
+    resnet = DATA / "pytorch_resnet_latency.csv"
+    out = packrat("plan", "--profile", resnet, "--cores", 16, "--batch", "8,64",
+                  "--slo-ms", 60)
+    assert out.returncode == 0, out.stderr
+    assert "SLO 60 ms at B=8: 8 of 16 cores, 4x<t=2,b=2>" in out.stdout
+    assert "SLO 60 ms at B=64: not met on 16 cores; the best is 220.94 ms" in out.stdout
+    data = json.loads(packrat("plan", "--profile", resnet, "--cores", 16, "--batch", 8,
+                              "--slo-ms", 20, "--json").stdout)
+    assert data["slo_cost"]["met"] is False and data["slo_cost"]["cores"] is None
+    assert data["slo_cost"]["plan"] is None and data["slo_cost"]["best_cores"] == 16
+
+
+# -- several models: --models ------------------------------------------------------------------
+
+def spec(**models):
+    """name=(model, B[, SLO]) -> NAME=PROFILE:B[:SLO],..."""
+    parts = []
+    for name, (model, *rest) in models.items():
+        parts.append(f"{name}={DATA / f'pytorch_{model}_latency.csv'}:" + ":".join(map(str, rest)))
+    return ",".join(parts)
+
+
+def test_plan_models_json_shape():
+    models = spec(resnet=("resnet", 8, 60), bert=("bert", 4), gpt2=("gpt2", 0))
+    out = packrat("plan", "--models", models, "--cores", 16, "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert list(data)[:5] == ["cores", "spare_cores", "slo_feasible", "weighted_latency_ms",
+                              "worst_slo_ratio"]
+    assert data["cores"] == 16 and data["slo_feasible"] is True and data["missed"] == []
+    assert list(data["models"]) == ["resnet", "bert", "gpt2"]
+    assert data["models"]["gpt2"] == {"batch": 0, "cores": 0, "shared": True, "slo_ms": None,
+                                      "slo_met": None, "plan": None}
+    resnet, bert = data["models"]["resnet"], data["models"]["bert"]
+    assert set(resnet) == {"batch", "cores", "shared", "slo_ms", "slo_met", "plan"}
+    assert resnet["batch"] == 8 and resnet["slo_ms"] == 60.0 and resnet["slo_met"] is True
+    assert bert["slo_ms"] is None and bert["slo_met"] is None and not bert["shared"]
+    assert resnet["cores"] + bert["cores"] + data["spare_cores"] == 16
+    for m in (resnet, bert):
+        instances = m["plan"]["instances"]
+        assert sum(i["batch"] for i in instances) == m["batch"]
+        assert sum(i["threads"] for i in instances) <= m["cores"]
+        assert len({i["threads"] for i in instances}) == 1  # one version: one thread count
+    assert resnet["plan"]["latency_ms"] <= 60.0
+    weighted = (8 * resnet["plan"]["latency_ms"] + 4 * bert["plan"]["latency_ms"]) / 12
+    assert data["weighted_latency_ms"] == pytest.approx(weighted, abs=1e-3)
+
+
+def test_plan_models_text_and_missed_slos():
+    models = spec(resnet=("resnet", 8, 30), bert=("bert", 4, 20), gpt2=("gpt2", 0))
+    out = packrat("plan", "--models", models, "--cores", 16)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("N = 16 cores:")
+    assert any(line.split()[:3] == ["gpt2", "0", "shared"] for line in lines)
+    assert "SLOs cannot all be met on 16 cores" in out.stdout
+    assert "missed: bert:" in out.stdout
+    data = json.loads(packrat("plan", "--models", models, "--cores", 16, "--json").stdout)
+    assert data["slo_feasible"] is False
+    assert {m["model"] for m in data["missed"]} == {"resnet", "bert"}
+    assert data["worst_slo_ratio"] == max(m["ratio"] for m in data["missed"])
+
+
+def test_plan_models_same_profile_twice_and_idle_only():
+    models = spec(a=("resnet", 4), b=("resnet", 4))
+    data = json.loads(packrat("plan", "--models", models, "--cores", 4, "--json").stdout)
+    assert data["models"]["a"]["cores"] == data["models"]["b"]["cores"] == 2
+    idle = json.loads(packrat("plan", "--models", spec(a=("resnet", 0)), "--cores", 4,
+                              "--json").stdout)
+    assert idle["spare_cores"] == 4 and idle["weighted_latency_ms"] is None
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--models", "resnet", "--cores", 4], "is not NAME=PROFILE:B[:SLO_MS]"),
+        (["--models", "resnet=p.csv", "--cores", 4], "is not NAME=PROFILE:B[:SLO_MS]"),
+        (["--models", "=p.csv:1", "--cores", 4], "is not NAME=PROFILE:B[:SLO_MS]"),
+        (["--models", "a=p.csv:1:2:3", "--cores", 4], "is not NAME=PROFILE:B[:SLO_MS]"),
+        (["--models", "a=p.csv:x", "--cores", 4], "B is 'x', not an integer"),
+        (["--models", "a=p.csv:-1", "--cores", 4], "B must be >= 0"),
+        (["--models", "a=p.csv:1:0", "--cores", 4], "an SLO must be a positive number"),
+        (["--models", "a=p.csv:1:-5", "--cores", 4], "an SLO must be a positive number"),
+        (["--models", "a=p.csv:1:nan", "--cores", 4], "an SLO must be a positive number"),
+        (["--models", "a=p.csv:1,a=p.csv:2", "--cores", 4], "'a' is given twice"),
+        (["--models", "a=missing.csv:1", "--cores", 4], "does not exist"),
+        (["--models", "a=p.csv:1,b=p.csv:1,c=p.csv:1", "--cores", 2],
+         "3 busy models need a dedicated core each but there are only 2 cores"),
+        (["--models", "a=p.csv:99", "--cores", 2], "B=99 cannot be served on 2 cores"),
+        (["--models", "a=p.csv:1", "--profile", "p.csv", "--cores", 2],
+         "--models takes the place of --profile"),
+        (["--models", "a=p.csv:1", "--batch", 1, "--cores", 2],
+         "--models takes the place of --profile"),
+        (["--models", "a=p.csv:1", "--slo-ms", 5, "--cores", 2],
+         "--models takes the place of --profile"),
+        (["--profile", "p.csv", "--cores", 2], "give --profile FILE and --batch B"),
+        (["--cores", 2], "give --profile FILE and --batch B, or --models"),
+        (["--profile", "p.csv", "--batch", 1, "--slo-ms", 0, "--cores", 2],
+         "an SLO must be a positive number"),
+        (["--profile", "p.csv", "--batch", 1, "--slo-ms", -3, "--cores", 2],
+         "an SLO must be a positive number"),
+        (["--profile", "p.csv", "--batch", 1, "--slo-ms", "x", "--cores", 2],
+         "is not a number of ms"),
+    ],
+)
+def test_plan_models_errors_are_one_line(tmp_path, monkeypatch, args, message):
+    write(tmp_path, GOOD)  # p.csv: 1 or 2 threads, batches up to 2
+    monkeypatch.chdir(tmp_path)
+    out = packrat("plan", *args)
+    assert out.returncode != 0
+    assert message in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "Traceback" not in out.stderr and out.stdout == ""

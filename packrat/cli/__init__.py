@@ -9,7 +9,7 @@ import logging
 import sys
 
 import packrat
-from packrat.cli.args import _Parser, int_list
+from packrat.cli.args import MODELS_FORMAT, _Parser, int_list, model_specs, positive_ms
 from packrat.cli.offline import cmd_archive, cmd_plan, cmd_profile
 from packrat.cli.serving import (
     cmd_demo,
@@ -61,11 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
                          "kserve, kservev2): the handler is wrapped in it")
     pr.set_defaults(func=cmd_profile)
 
-    pl = sub.add_parser("plan", help="the best instances <threads, batch> for N cores and B")
-    pl.add_argument("--profile", required=True, help="profile CSV (packrat or published format)")
+    pl = sub.add_parser("plan", help="the best instances <threads, batch> for N cores and B, "
+                                     "or the cores per model of several models on N cores")
+    pl.add_argument("--profile", help="profile CSV (packrat or published format)")
     pl.add_argument("--cores", type=int,
                     help="cores N to plan for (default: the cores this process may use here)")
-    pl.add_argument("--batch", type=int_list, required=True, help="batch size(s) B, e.g. 8,16")
+    pl.add_argument("--batch", type=int_list, help="batch size(s) B, e.g. 8,16")
+    pl.add_argument("--slo-ms", type=positive_ms, metavar="X",
+                    help="also report the fewest cores whose plan serves B within X ms (and "
+                         "that plan)")
+    pl.add_argument("--models", type=model_specs, metavar=MODELS_FORMAT + ",...",
+                    help="instead of --profile/--batch: allocate the N cores among these "
+                         "models (B = 0: idle, no dedicated cores; SLO_MS: a target on its "
+                         "batch latency)")
     pl.add_argument("--json", action="store_true", help="print JSON")
     pl.add_argument("--format", default="auto", choices=["auto", "packrat", "pytorch", "torchserve"],
                     help="profile format (default: detected from the header)")

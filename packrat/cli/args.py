@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from dataclasses import dataclass
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,6 +40,60 @@ def int_list(text: str) -> list[int]:
             raise argparse.ArgumentTypeError(f"{text!r} is not a list of integers like 1,2,4") from None
         if len(out) > MAX_LIST_VALUES:
             raise argparse.ArgumentTypeError(f"{text!r} has more than {MAX_LIST_VALUES} values")
+    return out
+
+
+def positive_ms(text: str) -> float:
+    """A latency target in ms: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of ms") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: an SLO must be a positive number of ms")
+    return value
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of `packrat plan --models`: NAME=PROFILE:B[:SLO_MS] (B = 0: idle)."""
+
+    name: str
+    profile: str
+    batch: int
+    slo_ms: float | None
+
+
+MODELS_FORMAT = "NAME=PROFILE:B[:SLO_MS]"
+
+
+def model_specs(text: str) -> list[ModelSpec]:
+    """`resnet=r.csv:8:60,bert=b.csv:4,gpt2=g.csv:0`; a profile path may hold neither `,`
+    nor `:`."""
+    out: list[ModelSpec] = []
+    for part in text.split(","):
+        part = part.strip()
+        name, sep, rest = part.partition("=")
+        name = name.strip()
+        fields = rest.split(":")
+        if not sep or not name or len(fields) not in (2, 3) or not fields[0].strip():
+            raise argparse.ArgumentTypeError(f"{part!r} is not {MODELS_FORMAT}")
+        try:
+            batch = int(fields[1])
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{part!r}: B is {fields[1]!r}, not an integer (0: idle)") from None
+        if batch < 0:
+            raise argparse.ArgumentTypeError(f"{part!r}: B must be >= 0 (0: idle), got {batch}")
+        slo = None
+        if len(fields) == 3:
+            try:
+                slo = positive_ms(fields[2])
+            except argparse.ArgumentTypeError as e:
+                raise argparse.ArgumentTypeError(f"{part!r}: {e}") from None
+        if any(m.name == name for m in out):
+            raise argparse.ArgumentTypeError(f"model {name!r} is given twice; name each once")
+        out.append(ModelSpec(name, fields[0].strip(), batch, slo))
     return out
 
 
