@@ -276,3 +276,12 @@ def test_the_same_sample_twice_changes_nothing(trace):
     for s in trace:
         state = observe(state, s)
         assert observe(state, s) == state
+
+
+def test_rate_is_an_ewma_of_arrivals_per_second():
+    s = observe(EstimatorState(), Sample(0.0, 0.0, 0.0))
+    assert s.rate is None  # one sample: no interval yet
+    s = observe(s, Sample(1.0, 10.0, 1e6))  # 10 arrivals in 1 s
+    assert s.rate == 10.0
+    s = observe(s, Sample(3.0, 50.0, 2e6))  # 40 in 2 s: 20/s, weighed by alpha
+    assert s.rate == pytest.approx(P.alpha * 20.0 + (1 - P.alpha) * 10.0)

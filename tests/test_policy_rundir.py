@@ -61,7 +61,9 @@ def test_a_plan_that_needs_several_rounds_for_b_is_replaced():
     one = plan_for_batch(OPT, "m", "1", 1, CORES)
     two = manual_plan(OPT, "m", "2", 2, 2, 2, CORES)
     assert served_latency(OPT, 4, 1, 1, 4) == 16.0
-    assert should_switch(one, two, OPT, 4, PolicyParams(min_gain=0.9))
+    assert should_switch(one, two, OPT, 4, PolicyParams(min_gain=0.3))
+    # ...where the target is predicted faster by the floor at least
+    assert not should_switch(one, two, OPT, 4, PolicyParams(min_gain=0.4))
 
 
 def test_a_batch_size_b_cannot_fill_pays_the_batching_delay():

@@ -5,9 +5,13 @@ import math
 
 import pytest
 
-from packrat.core.decide import ModelView, Reason, Stay, SwitchTo, decide
+from packrat.core.decide import (
+    ModelView, Reason, Stay, SwitchTo, decide, most_capacity, prewarm,
+)
 from packrat.core.optimizer import Optimizer
-from packrat.core.policy import PolicyParams, manual_plan, plan_for_batch, switch_verdict
+from packrat.core.policy import (
+    PolicyParams, capacity_rps, manual_plan, plan_for_batch, switch_verdict,
+)
 from packrat.core.profile import Profile, ProfilePoint
 from packrat.core.switchcost import (
     DEFAULT_STAY_S, LEVELS_KEPT, Kind, LevelHistory, SwitchCost, SwitchStats, expected_stay_s,
@@ -146,10 +150,13 @@ def test_policy_weighs_the_cost_and_keeps_the_old_rule_available():
     assert old.switch and old.judgement is None and "at least 5% faster" in old.why
     measured = SwitchStats(cold=SwitchCost(2.0, 0.5, 4))  # a cheap model to switch
     assert switch_verdict(WHOLE, FOUR, OPT, 4, stats=measured, stay_s=20.0).switch
-    # several rounds for B on the live plan: switch, whatever it costs
+    # several rounds for B on the live plan and a target predicted faster: switch, whatever
+    # it costs (the prediction of rounds is too kind); not faster: weighed as any other
     one = plan_for_batch(OPT, "m", "1", 1, CORES)
     rounds = switch_verdict(one, FOUR, OPT, 4, stay_s=10.0)
     assert rounds.switch and "several rounds" in rounds.why
+    slower = manual_plan(OPT, "m", "2", 1, 2, 4, CORES)  # 1x<t=2,b=4>: 21 ms, not 16
+    assert not switch_verdict(one, slower, OPT, 4, stay_s=10.0).switch
     assert switch_verdict(None, FOUR, OPT, 4).switch
 
 
@@ -163,8 +170,8 @@ def test_decide_switches_warm_where_it_would_not_switch_cold():
     assert len(warm) == 1 and isinstance(warm[0], SwitchTo)
     assert warm[0].warm and warm[0].reason is Reason.AUTO and shape_of(warm[0].plan) == (4, 1, 1)
     assert "warm: gain 5.7 s > cost 0.1 s" in warm[0].why
-    # a standby of another shape does not help
-    other = decide([view(levels=levels, warm_shapes=frozenset({(2, 2, 2)}))], now,
+    # a standby of another shape no faster than the live plan does not help
+    other = decide([view(levels=levels, warm_shapes=frozenset({(1, 4, 1)}))], now,
                    PolicyParams(), 10.0)
     assert isinstance(other[0], Stay)
     # the old rule, for the same loads
@@ -201,3 +208,75 @@ def test_an_overloaded_plan_is_left_for_a_faster_one_whatever_the_cost():
     assert v.switch and "queue grows" in v.why
     slower = manual_plan(OPT, "m", "3", 1, 1, 1, CORES)     # fewer cores: not faster
     assert not switch_verdict(live, slower, OPT, 133, PolicyParams(), stay_s=10.0).switch
+
+
+def test_overload_takes_a_standby_plan_that_keeps_up_at_once():
+    # 1x<t=4,b=1> serves at most 1000/4 = 250 requests/s; 300/s arrive and 6 wait
+    live = manual_plan(OPT, "m", "1", 1, 4, 1, CORES)
+    assert capacity_rps(OPT, live) == 250.0
+    assert capacity_rps(OPT, manual_plan(OPT, "m", "2", 4, 1, 4, CORES)) == pytest.approx(
+        16 * 1000 / 37.0)                                    # 432/s
+    assert capacity_rps(OPT, manual_plan(OPT, "m", "2", 2, 2, 2, CORES)) == pytest.approx(
+        4 * 1000 / 11.0)                                     # 364/s
+    levels = LevelHistory(6, 999.0, (20.0,) * 5)
+    standby = frozenset({(4, 1, 4), (2, 2, 2)})
+    over = view(plan=live, estimate=6, load=6.0, rate=300.0, levels=levels, warm_shapes=standby)
+    (action,) = decide([over], 1000.0, PolicyParams(), 10.0)
+    # both keep up (0.9 x capacity >= 300/s); 2x<t=2,b=2> is faster at B = 6 (2 rounds of 11 ms
+    # against one of 37 ms)
+    assert isinstance(action, SwitchTo) and action.warm and shape_of(action.plan) == (2, 2, 2)
+    assert "overloaded: 300.0 requests/s arrive" in action.why
+    # 350/s: only 4x<t=1,b=4> keeps up
+    (action,) = decide([view(**{**over.__dict__, "rate": 350.0})], 1000.0, PolicyParams(), 10.0)
+    assert shape_of(action.plan) == (4, 1, 4)
+    # 500/s: none keeps up; the one of most capacity
+    (action,) = decide([view(**{**over.__dict__, "rate": 500.0})], 1000.0, PolicyParams(), 10.0)
+    assert shape_of(action.plan) == (4, 1, 4)
+    # the same arrivals with no queue beyond one round (a closed loop of one client per
+    # batch slot) is no overload; nor is an arrival rate the live plan keeps up with
+    for calm in ({"load": 1.0, "estimate": 1}, {"rate": 200.0}):
+        actions = decide([view(**{**over.__dict__, **calm})], 1000.0, PolicyParams(), 10.0)
+        assert not any("overloaded" in getattr(a, "why", "") for a in actions)
+    # nothing in standby: no rescue; the policy's rules for the plan for B (here: several
+    # rounds for B on the live plan, one on the best plan, predicted 21% faster)
+    (cold,) = decide([view(**{**over.__dict__, "warm_shapes": frozenset()})], 1000.0,
+                     PolicyParams(), 10.0)
+    assert not cold.warm and "overloaded" not in cold.why and "several rounds" in cold.why
+
+
+def test_a_standby_plan_nearly_as_good_beats_a_cold_switch_to_the_best():
+    now = 1000.0
+    levels = short_levels(now)
+    # B = 4 on 1x<t=4,b=4> (14 ms): the best is 4x<t=1,b=1> (10 ms, cold, not worth 10 s over
+    # 20 s); 2x<t=2,b=2> (11 ms) is in standby: taken warm
+    (action,) = decide([view(levels=levels, warm_shapes=frozenset({(2, 2, 2)}))], now,
+                       PolicyParams(), 10.0)
+    assert isinstance(action, SwitchTo) and action.warm and shape_of(action.plan) == (2, 2, 2)
+    assert "in standby, unlike 4x<t=1,b=1>" in action.why
+    # where the cold switch to the best repays its cost over the standby plan too, it is taken
+    cheap = SwitchStats(cold=SwitchCost(0.1, 0.1, 4))
+    (action,) = decide([view(levels=levels, stats=cheap, warm_shapes=frozenset({(2, 2, 2)}))],
+                       now, PolicyParams(), 10.0)
+    assert not action.warm and shape_of(action.plan) == (4, 1, 1)
+    # a standby plan slower than the live one is no alternative
+    (stay,) = decide([view(levels=levels, warm_shapes=frozenset({(1, 4, 1)}))], now,
+                     PolicyParams(), 10.0)
+    assert isinstance(stay, Stay)
+
+
+def test_prewarm_loads_the_plan_of_most_capacity_first_then_the_neighbours():
+    # capacities: 4x<t=1,b=4> 432/s, 4x<t=1,b=2> 421/s (within 5%, and faster: 19 ms), ...
+    peak = most_capacity(OPT, "m", "9", CORES)
+    assert shape_of(peak) == (4, 1, 2) and capacity_rps(OPT, peak) == pytest.approx(8000 / 19)
+    live = plan_for_batch(OPT, "m", "1", 1, CORES)
+    settled = LevelHistory(1, 900.0, ())
+    calm = view(plan=live, estimate=1, load=0.3, levels=settled)
+    first = prewarm(calm, 1000.0)
+    assert first.reason is Reason.PREWARM and shape_of(first.plan) == (4, 1, 2)
+    assert "most capacity" in first.why
+    second = prewarm(view(**{**calm.__dict__, "warm_shapes": frozenset({(4, 1, 2)})}), 1000.0)
+    assert shape_of(second.plan) == shape_of(plan_for_batch(OPT, "m", "1", 2, CORES))
+    assert "B=2" in second.why
+    # busy (over half the live plan's capacity in use) or not settled: nothing
+    assert prewarm(view(**{**calm.__dict__, "load": 0.8}), 1000.0) is None
+    assert prewarm(calm, 905.0) is None

@@ -12,8 +12,10 @@ from packrat.core.optimizer import Optimizer
 from packrat.core.plan import ServedPlan, Shape, shape_of
 from packrat.core.policy import (
     PolicyParams,
+    capacity_rps,
     manual_plan,
     plan_for_batch,
+    plan_of_shape,
     switch_verdict,
 )
 from packrat.core.switchcost import (
@@ -43,6 +45,7 @@ class ModelView:
     levels: LevelHistory = NO_LEVELS         # how long B levels lasted: the expected stay
     warm_shapes: frozenset[Shape] = frozenset()  # (instances, threads, batch_size) in standby
     load: float | None = None    # the estimator's smoothed load (mean requests in the system)
+    rate: float | None = None    # the estimator's arrivals per second (EWMA)
 
 
 class Reason(Enum):
@@ -110,11 +113,18 @@ class Stay:
 Action = SwitchTo | SetAuto | SetManual | Answer | Note | Stay
 
 
+# A plan is overloaded when the arrivals exceed this share of its capacity (full batches)
+# while more requests wait than it holds in one round: its queue can only grow.
+OVERLOAD_UTILIZATION = 0.9
+
+
 def decide(models: list[ModelView], now: float, policy: PolicyParams,
            max_batch_delay_ms: float) -> list[Action]:
     """Automatic switches: for each model under automatic control, not switching and not on
     hold, the plan for its estimated B if the policy says it is worth a switch (a warm one if
-    its shape is in standby); Stay where only the switch's cost holds it back."""
+    its shape is in standby, or a standby plan nearly as good where the cold switch to the
+    best is not worth its cost), or at once a standby plan that keeps up with arrivals the
+    live plan cannot; Stay where only the switch's cost holds it back."""
     actions: list[Action] = []
     for m in models:
         if not m.auto or m.switching or now < m.hold_until:
@@ -124,15 +134,60 @@ def decide(models: list[ModelView], now: float, policy: PolicyParams,
         except PlanError as e:
             actions.append(Note(m.name, str(e)))
             continue
+        standby = [plan_of_shape(m.optimizer, m.name, str(m.next_version), s, m.estimate,
+                                 m.cores, max_batch_delay_ms)
+                   for s in sorted(m.warm_shapes) if m.plan is None or s != shape_of(m.plan)]
+        rescue = _overload_rescue(m, standby)
+        if rescue is not None:
+            actions.append(rescue)
+            continue
+        stay_s = expected_stay_s(m.levels, now)
+
+        def verdict(live, plan, warm):
+            return switch_verdict(live, plan, m.optimizer, m.estimate, policy,
+                                  max_batch_delay_ms, stats=m.stats, stay_s=stay_s, warm=warm)
+
         warm = shape_of(target) in m.warm_shapes
-        verdict = switch_verdict(m.plan, target, m.optimizer, m.estimate, policy,
-                                 max_batch_delay_ms, stats=m.stats,
-                                 stay_s=expected_stay_s(m.levels, now), warm=warm)
-        if verdict.switch:
-            actions.append(SwitchTo(target, Reason.AUTO, warm=warm, why=verdict.why))
-        elif (j := verdict.judgement) is not None and j.relative >= max(policy.min_gain, 1e-9):
-            actions.append(Stay(m.name, verdict.why))  # faster, but not by enough for the cost
+        best = verdict(m.plan, target, warm)
+        if not warm and standby:
+            # The best standby plan for B: taken instead of a cold switch to the best plan
+            # unless that one is worth its cost over the standby one too.
+            alt = min(standby, key=lambda p: p.predicted_ms)
+            by_alt = verdict(m.plan, alt, True)
+            if by_alt.switch and not (best.switch and verdict(alt, target, False).switch):
+                actions.append(SwitchTo(alt, Reason.AUTO, warm=True,
+                                        why=f"{by_alt.why}; in standby, unlike "
+                                            f"{target.describe()}"))
+                continue
+        if best.switch:
+            actions.append(SwitchTo(target, Reason.AUTO, warm=warm, why=best.why))
+        elif (j := best.judgement) is not None and j.relative >= max(policy.min_gain, 1e-9):
+            actions.append(Stay(m.name, best.why))  # faster, but not by enough for the cost
     return actions
+
+
+def _overload_rescue(m: ModelView, standby: list[ServedPlan]) -> SwitchTo | None:
+    """When requests arrive faster than the live plan can serve them and queue beyond one
+    round, a standby plan of more capacity, taken at once (no patience: the queue grows every
+    second): the fastest at B among those that keep up, else the one of most capacity.
+    Cold plans are left to the cost rule: loading one on the busy cores would cut the
+    capacity further while the queue grows."""
+    if m.plan is None or m.rate is None or not standby:
+        return None
+    live_rps = capacity_rps(m.optimizer, m.plan)
+    load = m.load if m.load is not None else m.estimate
+    if m.rate <= OVERLOAD_UTILIZATION * live_rps or load <= m.plan.instances * m.plan.batch_size:
+        return None
+    more = [p for p in standby if capacity_rps(m.optimizer, p) > live_rps]
+    if not more:
+        return None
+    keep_up = [p for p in more if OVERLOAD_UTILIZATION * capacity_rps(m.optimizer, p) >= m.rate]
+    pick = (min(keep_up, key=lambda p: p.predicted_ms) if keep_up
+            else max(more, key=lambda p: capacity_rps(m.optimizer, p)))
+    return SwitchTo(pick, Reason.AUTO, warm=True,
+                    why=f"overloaded: {m.rate:.1f} requests/s arrive, {m.plan.describe()} "
+                        f"serves at most {live_rps:.1f}/s, {pick.describe()} "
+                        f"{capacity_rps(m.optimizer, pick):.1f}/s (in standby)")
 
 
 @dataclass(frozen=True)
@@ -219,23 +274,48 @@ PREWARM_UTILIZATION = 0.5   # at most this share of the live plan's batch capaci
 
 
 def prewarm(m: ModelView, now: float) -> SwitchTo | None:
-    """A plan to load into standby for m, or None: the plan for B/2 or 2B (the next levels
-    the estimator reports), neither live nor already warm, while m is under automatic
-    control, settled and using at most half its live plan's capacity. The caller checks
-    that it fits the standby budget without evicting anything."""
+    """A plan to load into standby for m, or None: first the plan of most capacity (the one
+    an overload needs, when loading it cold would cost most), then the plans for 2B and B/2
+    (the next levels the estimator reports); neither live nor already warm, while m is under
+    automatic control, settled and using at most half its live plan's capacity. The caller
+    checks that it fits the standby budget without evicting anything."""
     settled = m.levels.since is not None and now - m.levels.since >= PREWARM_SETTLED_S
     load = m.load if m.load is not None else m.estimate
     if (not m.auto or m.switching or now < m.hold_until or m.plan is None or not settled
             or load > PREWARM_UTILIZATION * m.plan.instances * m.plan.batch_size):
         return None
     live = shape_of(m.plan)
+    peak = most_capacity(m.optimizer, m.name, str(m.next_version), m.cores)
+    candidates = [(peak, "the plan of most capacity, for an overload")] if peak else []
     for batch in (2 * m.estimate, m.estimate // 2):
         if not 1 <= batch <= m.optimizer.max_servable:
             continue
         try:
-            target = plan_for_batch(m.optimizer, m.name, str(m.next_version), batch, m.cores)
+            plan = plan_for_batch(m.optimizer, m.name, str(m.next_version), batch, m.cores)
         except PlanError:
             continue
-        if shape_of(target) != live and shape_of(target) not in m.warm_shapes:
-            return SwitchTo(target, Reason.PREWARM, why=f"ahead of need: the plan for B={batch}")
+        candidates.append((plan, f"the plan for B={batch}"))
+    for plan, what in candidates:
+        if shape_of(plan) != live and shape_of(plan) not in m.warm_shapes:
+            return SwitchTo(plan, Reason.PREWARM, why=f"ahead of need: {what}")
     return None
+
+
+def most_capacity(opt: Optimizer, model: str, version: str,
+                  cores: tuple[int, ...]) -> ServedPlan | None:
+    """Of the plans for B = 1, 2, 4, ... up to the most the profile serves, the one that
+    serves most requests per second (capacity_rps); among those within 5% of it, the one of
+    least latency. None where no plan serves."""
+    plans = []
+    batch = 1
+    while batch <= opt.max_servable:
+        try:
+            plans.append(plan_for_batch(opt, model, version, batch, cores))
+        except PlanError:
+            pass
+        batch *= 2
+    if not plans:
+        return None
+    top = max(capacity_rps(opt, p) for p in plans)
+    return min((p for p in plans if capacity_rps(opt, p) >= 0.95 * top),
+               key=lambda p: p.predicted_ms)

@@ -31,6 +31,10 @@ or more (up or down), `slow_patience` intervals when only the smoothed load is o
 noise inside the band never moves the estimate, and a burst shorter than the patience is
 ignored. A move jumps straight to the current level (one move per step, not a staircase), and
 the EWMA restarts there.
+
+Rate. `rate` is an EWMA (weight `alpha`) of arrivals per second, with no patience: Little's L
+says how many requests wait, not whether the live plan keeps up with their arrival; the
+policy compares the rate with a plan's throughput to see a queue that can only grow.
 """
 
 from __future__ import annotations
@@ -85,6 +89,7 @@ class EstimatorState:
     streak: int = 0  # consecutive intervals out of the band on the candidate's side
     recent: tuple[float, ...] = ()  # the last `window` loads, oldest first
     request_s: float = 0.0  # mean latency of one request in the last interval that had any
+    rate: float | None = None  # EWMA (weight alpha) of arrivals per second: is a plan overloaded
 
 
 def load_from(prev: Sample, cur: Sample) -> float | None:
@@ -118,6 +123,8 @@ def observe(
     # latency completed per request arrived: the mean request latency once the load is steady
     request_s = ((sample.latency_us - last.latency_us) / 1e6 / arrived if arrived
                  else state.request_s)
+    per_s = arrived / (sample.time_s - last.time_s)
+    rate = per_s if state.rate is None else params.alpha * per_s + (1 - params.alpha) * state.rate
     recent = (state.recent + (min(load, params.max_batch),))[-params.window :]
     level = median(recent)
     if state.smoothed is None:
@@ -130,6 +137,7 @@ def observe(
     fast = max(target / est, est / target) >= 1 + params.wide_change  # up or down
     slow = abs(smoothed - est) > params.min_change * est and (smoothed > est) == (side > 0)
     new = replace(state, last=sample, recent=recent, smoothed=smoothed, candidate=None, streak=0,
+                  rate=rate,
                   request_s=request_s if math.isfinite(request_s) else 0.0)
     if side == 0 or not (fast or slow):  # inside the band
         return new

@@ -126,7 +126,8 @@ class Controller:
         return [ModelView(m.name, m.optimizer, m.cores, m.plan, m.auto, m.estimator.estimate,
                           m.name in self.switches or any(a.model == m.name for a in self.queued),
                           m.hold_until, m.next_version, m.stats, m.levels,
-                          self.standby.shapes(m.name, m.cores), m.estimator.smoothed)
+                          self.standby.shapes(m.name, m.cores), m.estimator.smoothed,
+                          m.estimator.rate)
                 for m in self.models.values()]
 
     def carry_out(self, actions: list[Action]) -> None:
