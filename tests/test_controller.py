@@ -205,7 +205,7 @@ def test_after_waits_for_the_other_models_switch(tmp_path, world):
     pool = HeldPool(hold=True)
     c = make_controller(tmp_path, clock, ts, pool=pool, models=("a", "b"))
     c.start_switch(SwitchTo(plan("a", 1, 1, 1, 1), Reason.MANUAL))
-    c.start_switch(SwitchTo(plan("b", 1, 1, 1, 1), Reason.MANUAL, after="a"))
+    c.start_switch(SwitchTo(plan("b", 1, 1, 1, 1), Reason.MANUAL, after=("a",)))
     assert set(c.switches) == {"a"} and [q.model for q in c.queued] == ["b"]
     while c.switches or c.queued:
         assert ("register", "b", "b-v1") not in ts.calls or "a" not in c.switches

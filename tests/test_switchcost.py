@@ -194,8 +194,8 @@ def test_decide_defaults_keep_todays_callers_working():
     assert decide([view(plan=FOUR)], 0.0, PolicyParams(), 10.0) == []  # already serves it
     assert decide([view(estimate=1, plan=plan_for_batch(OPT, "m", "1", 1, CORES))], 0.0,
                   PolicyParams(), 10.0) == []  # same plan: nothing to say
-    assert SwitchTo(FOUR, Reason.MANUAL, "r1", "b") == SwitchTo(FOUR, Reason.MANUAL,
-                                                                request_id="r1", after="b")
+    assert SwitchTo(FOUR, Reason.MANUAL, "r1", ("b",)) == SwitchTo(FOUR, Reason.MANUAL,
+                                                                request_id="r1", after=("b",))
 
 
 def test_an_overloaded_plan_is_left_for_a_faster_one_whatever_the_cost():

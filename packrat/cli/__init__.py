@@ -132,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep old versions loaded and idle after a switch, within this much "
                          "memory (their workers' PSS) for all models, so that switching back "
                          "is instant (default: 25%% of RAM; 0: delete them)")
+    sv.add_argument("--core-split", choices=("auto", "even", "overlap"), default="auto",
+                    help="several models: `auto` gives busy models their own cores by the "
+                         "allocator and live load, idle ones a 1-thread worker on a shared "
+                         "core; `even` splits the cores evenly once; `overlap` plans each "
+                         "model for all cores, as before (default auto)")
+    sv.add_argument("--slo", action="append", metavar="NAME=MS[,...]",
+                    help="a latency target for NAME's batch latency, for the allocator: it "
+                         "gives cores to meet every SLO first")
     sv.set_defaults(func=cmd_serve)
 
     st = sub.add_parser("stop", help="stop `packrat serve` and its TorchServe")

@@ -28,6 +28,8 @@ def _model_sources(args):
     samples = dict(_pairs(args.sample, "--sample")) if args.sample else {}
     types = (dict(_pairs(args.sample_content_type, "--sample-content-type", "NAME=TYPE"))
              if args.sample_content_type else {})
+    slos = {name: _slo_ms(name, ms) for name, ms in
+            _pairs(",".join(args.slo or []), "--slo", "NAME=MS")}
     sources = []
     for name, file in _pairs(args.models, "--models"):
         check_model_name(name)
@@ -48,11 +50,11 @@ def _model_sources(args):
             raise PackratError(f"--sample-content-type {name}=...: give --sample {name}=FILE too")
         sample = (Sample.load(samples.pop(name), types.pop(name, None)) if name in samples
                   else None)
-        sources.append(ModelSource(name, path, profile, sample))
+        sources.append(ModelSource(name, path, profile, sample, slos.pop(name, None)))
     if not sources:
         raise PackratError("--models names no model; give NAME=FILE.mar")
     for flag, left in (("--profiles", profiles), ("--sample", samples),
-                       ("--sample-content-type", types)):
+                       ("--sample-content-type", types), ("--slo", slos)):
         if left:
             raise PackratError(f"{flag} names models not in --models: {', '.join(left)}")
     return tuple(sources)
@@ -94,6 +96,16 @@ def _server_source(args):
                            certificate=Path(args.certificate) if args.certificate else None), None
 
 
+def _slo_ms(name: str, text: str) -> float:
+    try:
+        ms = float(text)
+    except ValueError:
+        ms = math.nan
+    if not (math.isfinite(ms) and ms > 0):
+        raise PackratError(f"--slo {name}={text}: the SLO must be a positive number of ms")
+    return ms
+
+
 def _at_least(value, low, flag: str):
     """value (None: not given) must be >= low."""
     if value is not None and value < low:
@@ -114,6 +126,7 @@ def cmd_serve(args) -> int:
     from packrat.measure.cpus import usable_cores
     from packrat.measure.memory import total_memory_mb
     from packrat.serving.controller import ControllerParams
+    from packrat.serving.runtime import CoreSplit
     from packrat.serving.daemon import ServeOptions, serve
     from packrat.serving.rundir import RunDir, controller_pid
     from packrat.torchserve import Ports
@@ -152,7 +165,8 @@ def cmd_serve(args) -> int:
         controller=ControllerParams(
             interval_s=args.interval, max_batch_delay_ms=args.max_batch_delay,
             standby_memory_mb=(args.standby_memory if args.standby_memory is not None
-                               else round(0.25 * total_memory_mb()))),
+                               else round(0.25 * total_memory_mb())),
+            core_split=CoreSplit(args.core_split)),
         ts_config=ts_config, attach=attach, envelope=args.envelope,
     )
     print(f"run directory: {options.run_dir}", file=sys.stderr)
@@ -182,11 +196,19 @@ def cmd_status(args) -> int:
           + (f", restarted {report.torchserve_restarts} times" if report.torchserve_restarts else ""))
     if report.torchserve_event:
         print(f"  {report.torchserve_event}")
+    if report.allocation:
+        print(f"cores ({report.core_split}): {report.allocation.get('reason')}")
     for name, m in report.models.items():
         last = m.last_reconfiguration_s
         print(f"{name}: version {m.version}, estimated B = {m.estimated_batch}, "
               f"{'auto' if m.auto else 'manual'}, {m.reconfigurations} reconfigurations"
               + (f", last {last:.0f} s ago" if last is not None else ""))
+        if report.core_split and report.core_split != "overlap":
+            print("  cores: " + (f"shares core {m.cores[0] if m.cores else '-'} while idle"
+                                 if m.shared else ",".join(map(str, m.cores)))
+                  + ("" if m.slo_ms is None else f"; SLO {m.slo_ms:g} ms " + (
+                      "met" if m.slo_met else "not met" if m.slo_met is False
+                      else "(not weighed while idle)")))
         if m.latency_ms is not None:
             print(f"  predicted batch latency {m.latency_ms:.1f} ms"
                   + (f" (profile calibrated: {m.calibration})" if m.calibration else ""))

@@ -46,6 +46,7 @@ class ModelView:
     warm_shapes: frozenset[Shape] = frozenset()  # (instances, threads, batch_size) in standby
     load: float | None = None    # the estimator's smoothed load (mean requests in the system)
     rate: float | None = None    # the estimator's arrivals per second (EWMA)
+    placement: str = ""          # the model's cores in the server's allocation, for messages
 
 
 class Reason(Enum):
@@ -53,17 +54,19 @@ class Reason(Enum):
     MANUAL = "manual"      # `packrat reconfigure`
     RESTORE = "restore"    # TorchServe restarted: serve the plan again
     PREWARM = "prewarm"    # load a likely next plan into standby; the live plan stays
+    REALLOCATE = "reallocate"  # the model's cores changed (several models, one core budget)
 
 
 @dataclass(frozen=True)
 class SwitchTo:
-    """Serve `plan` (a new version) make-before-break. `after`: a model whose switch must end
-    before this one starts (e.g. one model shrinks before another grows onto its cores)."""
+    """Serve `plan` (a new version) make-before-break. `after`: models whose switches (and
+    the retiring of their versions) must end before this one starts (e.g. they shrink before
+    this model grows onto their cores)."""
 
     plan: ServedPlan
     reason: Reason
     request_id: str | None = None
-    after: str | None = None
+    after: tuple[str, ...] = ()
     warm: bool = False  # the plan's shape is in standby: make that version the default
     why: str = ""       # the policy's reasons, for the log
 
@@ -259,7 +262,8 @@ def decide_request(models: list[ModelView], request: Reconfigure, now: float,
             plan = manual_plan(view.optimizer, view.name, version, request.instances,
                                request.threads, request.batch, view.cores)
     except PlanError as e:
-        return [Answer(request.id, False, f"bad request: {e}", view.plan)]
+        where = f" ({view.placement})" if view.placement else ""
+        return [Answer(request.id, False, f"bad request: {e}{where}", view.plan)]
     if plan.same_shape(view.plan):
         return [SetManual(view.name),
                 Answer(request.id, True, f"{view.name} already serves {plan.describe()}",

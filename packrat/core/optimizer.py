@@ -134,6 +134,7 @@ class Optimizer:
         if cores > MAX_CORES:
             raise PlanError(f"cores {cores} is more than Packrat plans for; give --cores 1..{MAX_CORES}")
         self.cores = cores
+        self.profile = profile  # for the optimizer of fewer cores (a model's share)
         table = profile.table()
         self.threads = tuple(t for t in sorted(table) if t <= cores)
         if not self.threads:

@@ -27,6 +27,9 @@ class ServedPlan:
     slots: tuple[tuple[int, ...], ...]
     predicted_ms: float
     for_batch: int
+    # an idle model's worker on the shared core, which a busy model's plan also holds (the
+    # one exception to "no core in two models' plans"; several models, --core-split auto)
+    shared: bool = False
 
     def same_shape(self, other: "ServedPlan | None") -> bool:
         return other is not None and (self.threads, self.instances, self.batch_size) == (

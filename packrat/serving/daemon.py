@@ -18,7 +18,6 @@ from enum import Enum
 from pathlib import Path
 
 from packrat.core.decide import Reason
-from packrat.core.policy import plan_for_batch
 from packrat.errors import PackratError
 from packrat.jsonfile import read_json
 from packrat.measure.cpus import usable_cores
@@ -60,6 +59,7 @@ class ModelSource:
     archive: Path
     profile: Path | None = None  # a profile CSV to use instead of measuring
     sample: Sample | None = None  # one request as a client sends it (else the built-in example)
+    slo_ms: float | None = None   # --slo: on its batch latency, for the allocator
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,13 @@ def _serve(options: ServeOptions, say) -> None:
             controller.models[m.name] = m
             if options.calibrate and m.profile_path is not None:
                 _calibrate(controller, m, origin, say)
+        controller.place(cores)  # several models: each one's cores
+        if len(runtimes) > 1:
+            say("cores: " + "; ".join(
+                f"{m.name} " + (f"shares core {m.cores[0]} (idle)" if m.shared else
+                                f"{','.join(map(str, m.cores))}") for m in runtimes)
+                + f" ({options.controller.core_split.value})")
+        for m in runtimes:
             _adopt_or_start(controller, m, options.initial_batch, say)
         controller.save_state()
         say(f"serving {', '.join(controller.models)}; `packrat status --run-dir {run.path}` "
@@ -221,7 +228,8 @@ def _prepare_model(run: RunDir, src: ModelSource, cores, options: ServeOptions, 
                       largest_b=options.initial_batch, say=say, profile_csv=src.profile,
                       what_b="--initial-batch", sample=src.sample, envelope=envelope)
     return ModelRuntime(name=p.name, base_dir=p.base_dir, optimizer=p.optimizer,
-                        cores=tuple(cores), warm=p.warm, profile_path=p.profile_path)
+                        cores=tuple(cores), warm=p.warm, profile_path=p.profile_path,
+                        slo_ms=src.slo_ms)
 
 
 def _calibrate(controller: Controller, m: ModelRuntime, origin: ServerOrigin, say) -> None:
@@ -259,6 +267,9 @@ def _adopt_or_start(controller: Controller, m: ModelRuntime, batch: int, say) ->
         plan = controller.run.read_plan(m.name, default.version)
         if plan is not None:
             m.plan = plan
+            held = state.get("cores")
+            if len(controller.models) > 1 and held and set(held) <= set(controller.all_cores):
+                controller.move(m, tuple(held), bool(state.get("shared")))  # as it was
             m.auto = state.get("auto", True)
             m.reconfigurations = state.get("reconfigurations", 0)
             m.last_reconfiguration_unix = state.get("last_reconfiguration_unix")
@@ -278,7 +289,7 @@ def _adopt_or_start(controller: Controller, m: ModelRuntime, batch: int, say) ->
         say(f"{m.name}: the attached TorchServe has version(s) {', '.join(theirs)} that "
             "Packrat did not make; they stay registered, and Packrat's version becomes the "
             "default")
-    plan = plan_for_batch(m.optimizer, m.name, str(m.next_version), batch, m.cores)
+    plan = controller.plan_for(m, batch)
     result = controller.switch_now(m, plan, Reason.AUTO)
     if not result.ok:
         raise PackratError(result.message)

@@ -103,6 +103,10 @@ class ModelStatus:
     switching: str | None           # a switch under way, and its step
     standby: tuple[dict, ...] = ()  # old versions kept loaded: version, plan, memory_mb
     last_prewarm: str | None = None  # the last plan loaded ahead of need: what it cost
+    cores: tuple[int, ...] = ()      # the model's cores in the allocation (dedicated or shared)
+    shared: bool = False             # idle: one 1-thread worker on the shared core
+    slo_ms: float | None = None
+    slo_met: bool | None = None      # the live plan's predicted batch latency at B within it
 
     def describe(self) -> str:
         """The live plan as <i, t, b>, "-" if none."""
@@ -121,6 +125,8 @@ class ModelStatus:
             "last_error": self.last_error, "calibration": self.calibration,
             "switching": self.switching, "standby": list(self.standby),
             "last_prewarm": self.last_prewarm,
+            "cores": "shared" if self.shared else list(self.cores),
+            "shared": self.shared, "slo_ms": self.slo_ms, "slo_met": self.slo_met,
         }
 
 
@@ -132,12 +138,17 @@ class Status:
     torchserve_event: str | None
     models: dict[str, ModelStatus]
     attached: str | None = None  # the management URL of the user's TorchServe (serve --attach)
+    core_split: str | None = None  # several models: auto, even or overlap
+    # the last reallocation (several models, --core-split auto): decided_unix, reason, inputs
+    # (B and rate per model), shared_core, spare_cores, crowded_out, slo_feasible
+    allocation: dict | None = None
 
     def to_json(self) -> dict:
         return {"controller_pid": self.controller_pid, "torchserve_pid": self.torchserve_pid,
                 "attached": self.attached,
                 "torchserve_restarts": self.torchserve_restarts,
                 "torchserve_event": self.torchserve_event,
+                "core_split": self.core_split, "allocation": self.allocation,
                 "models": {name: m.to_json() for name, m in self.models.items()}}
 
 
@@ -180,7 +191,9 @@ def status(run_dir: Path) -> Status:
             last_reconfiguration_s=round(now - last, 1) if last else None,
             last_error=st.get("last_error"), calibration=st.get("calibration"),
             switching=st.get("switching"), standby=tuple(st.get("standby") or ()),
-            last_prewarm=st.get("last_prewarm"))
+            last_prewarm=st.get("last_prewarm"), cores=tuple(st.get("cores") or ()),
+            shared=bool(st.get("shared")), slo_ms=st.get("slo_ms"), slo_met=st.get("slo_met"))
     return Status(controller_pid(run), server.frontend_pid if server else None,
                   state.get("torchserve_restarts", 0), state.get("torchserve_event"), models,
-                  run.attached.management.url if run.attached else None)
+                  run.attached.management.url if run.attached else None,
+                  state.get("core_split"), state.get("allocation"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 from packrat.core.estimator import EstimatorParams, EstimatorState, Sample, observe
@@ -32,6 +33,14 @@ BEFORE_INTERVALS = 3    # serving before a switch: the mean over this many inter
 METRICS = ("ts_inference_requests_total", "ts_inference_latency_microseconds")
 
 
+class CoreSplit(Enum):
+    """How several models of one server share its cores."""
+
+    AUTO = "auto"        # the allocator, live: busy models on dedicated cores, idle ones shared
+    EVEN = "even"        # a fixed even split, each model planned within its share
+    OVERLAP = "overlap"  # every model planned for all cores (Packrat before the allocator)
+
+
 @dataclass(frozen=True)
 class ControllerParams:
     interval_s: float = 1.0       # between two scrapes of the metrics (and decisions)
@@ -44,6 +53,9 @@ class ControllerParams:
     retry_after_s: float = 30.0   # after a failed switch, wait this long before trying again
     policy: PolicyParams = PolicyParams()
     estimator: EstimatorParams = EstimatorParams()
+    core_split: CoreSplit = CoreSplit.AUTO
+    # after a reallocation, the loads settle (estimators, rates) before the next is weighed
+    realloc_hold_s: float = 10.0
 
 
 @dataclass
@@ -75,6 +87,10 @@ class ModelRuntime:
     profile_path: Path | None = None  # a profile Packrat measured (and may calibrate)
     calibration: str | None = None    # Calibration.describe() of the profile planned with
     last_stay: str | None = None      # why the last faster plan was not worth its switch
+    slo_ms: float | None = None       # --slo: on the batch latency, for the allocator
+    shared: bool = False              # idle: one 1-thread worker on the shared core
+    whole: Optimizer | None = None    # the optimizer for every core of the server (the
+                                      # allocator's); `optimizer` is for `cores` alone
 
 
 def sample_model(m: ModelRuntime, metrics: dict[tuple[str, str, str], float], now: float,

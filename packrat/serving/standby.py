@@ -12,7 +12,14 @@ from packrat.core.estimator import EstimatorParams
 from packrat.core.optimizer import Optimizer
 from packrat.core.plan import ServedPlan, Shape
 from packrat.core.policy import plan_for_batch
-from packrat.core.standby import StandbyEntry, StandbySet, admit, make_room, shape_of
+from packrat.core.standby import (
+    StandbyEntry,
+    StandbySet,
+    admit,
+    make_room,
+    off_cores,
+    shape_of,
+)
 from packrat.core.switchcost import patience_for
 from packrat.errors import PlanError
 from packrat.measure.memory import pss_mb
@@ -46,7 +53,10 @@ class Standby:
         """(standby versions to delete first, whether the old version stays as standby once
         drained): the least recently used go so that it fits the budget, before anything new
         is registered; nothing is kept if it alone does not fit."""
-        if not self.budget_mb or old is None or reason in (Reason.RESTORE, Reason.PREWARM):
+        # (a reallocation's old version is on cores the model leaves, or on fewer than it
+        # gets: no use as standby)
+        if not self.budget_mb or old is None or reason in (Reason.RESTORE, Reason.PREWARM,
+                                                           Reason.REALLOCATE):
             return (), False
         need = pss_mb(self.run.slot_pids(old.model, old.version).values())
         if not 0 < need <= self.budget_mb:
@@ -57,6 +67,15 @@ class Standby:
             log.info("%s: evicting standby version %s (%s, %.0f MB)", e.model, e.plan.version,
                      e.plan.describe(), e.memory_mb)
         return tuple(e.plan for e in evicted), True
+
+    def off_cores(self, model: str, cores: tuple[int, ...]) -> tuple[ServedPlan, ...]:
+        """The model's cores changed: its standby versions pinned elsewhere leave the set
+        (the caller deletes them)."""
+        self.set, gone = off_cores(self.set, model, cores)
+        for e in gone:
+            log.info("%s: standby version %s (%s) is pinned off the model's cores %s; deleting "
+                     "it", model, e.plan.version, e.plan.describe(), ",".join(map(str, cores)))
+        return tuple(e.plan for e in gone)
 
     def park(self, model: str, parked: ServedPlan | None, now: float) -> ServedPlan | None:
         """A switch of model ended, its old version parked (or not); returns a version to

@@ -1,0 +1,157 @@
+"""Live reallocation (core/reallocate.py): busy and idle from the arrival rate, the shared
+core, donors before receivers, cores kept where they can be, hysteresis."""
+
+import json
+
+from packrat.core.allocate import ServedCurve
+from packrat.core.profile import Profile, ProfilePoint
+from packrat.core.reallocate import BUSY_AGAIN, IDLE_SHARE, ModelLoad, reallocate
+
+# A model that gains from every core: t threads serve b in b * 10 / t ms (1 thread, batch 1:
+# 10 ms, 100 requests/s; idle below 5/s).
+PROFILE = Profile(tuple(ProfilePoint(t, b, b * 10.0 / t) for t in (1, 2, 3, 4)
+                        for b in (1, 2, 4, 8)))
+CURVE = ServedCurve.of(PROFILE, 4)
+CORES = (0, 1, 2, 3)
+
+
+def load(name, batch=4, rate=50.0, cores=(), shared=False, **kw):
+    return ModelLoad(name, CURVE, batch, rate, cores=cores, shared=shared, **kw)
+
+
+def test_the_idle_line_is_a_share_of_one_workers_capacity_with_a_band():
+    assert load("a").idle_line() == IDLE_SHARE * 100.0
+    assert not load("a", rate=4.9).busy() and load("a", rate=5.0).busy()
+    # once idle, the model turns busy only above BUSY_AGAIN times the line
+    assert not load("a", rate=9.9, shared=True).busy()
+    assert load("a", rate=5.0 * BUSY_AGAIN, shared=True).busy()
+    assert load("a", rate=None).busy()  # not measured yet
+
+
+def test_first_placement_splits_by_load_and_an_idle_model_shares_a_core():
+    r = reallocate([load("a", batch=8), load("b", batch=8)], CORES)
+    assert r.changed and "placed" in r.reason
+    assert [p.cores for p in r.placements] == [(0, 1), (2, 3)]
+    r = reallocate([load("a", batch=8), load("b", rate=0.0)], CORES)
+    a, b = r.placements
+    assert a.cores == CORES and not a.shared
+    assert b.shared and b.cores == (3,) and r.shared_core == 3 and b.batch == 0
+
+
+def test_a_model_going_idle_donates_its_cores_and_the_other_grows_after_it():
+    now = [load("a", batch=8, cores=(0, 1)), load("b", batch=8, rate=1.0, cores=(2, 3))]
+    r = reallocate(now, CORES)
+    assert r.changed and "b idle" in r.reason
+    assert r.placement("a").cores == CORES and r.placement("b").shared
+    assert r.donors == ("b",) and r.receivers == ("a",)
+
+
+def test_a_model_waking_up_takes_cores_the_other_gives_first():
+    now = [load("a", batch=8, cores=CORES), load("b", batch=8, rate=20.0, shared=True,
+                                                  cores=())]
+    r = reallocate(now, CORES)
+    assert r.changed and "b busy" in r.reason
+    a, b = r.placements
+    assert set(a.cores) < set(CORES) and set(a.cores).isdisjoint(b.cores)
+    assert a.cores == CORES[:len(a.cores)]  # a keeps the first of its cores
+    assert r.donors == ("a",) and r.receivers == ("b",)
+
+
+def test_a_small_gain_is_not_worth_the_switches_a_large_one_is():
+    # equal loads on an even split: nothing to gain
+    even = [load("a", batch=8, cores=(0, 1)), load("b", batch=8, cores=(2, 3))]
+    assert not reallocate(even, CORES).changed
+    # a carries 8 and b 1: 3 cores for a; weighted latency 80*8/2... predicted gain large
+    skewed = [load("a", batch=8, cores=(0, 1)), load("b", batch=1, cores=(2, 3))]
+    r = reallocate(skewed, CORES, stay_s=600.0, cost=(1.0, 1.0))
+    assert r.changed and "weighted latency" in r.reason
+    assert len(r.placement("a").cores) == 3 and r.donors == ("b",) and r.receivers == ("a",)
+    # the same gain over a short stay against a costly switch: the allocation holds
+    held = reallocate(skewed, CORES, stay_s=1.0, cost=(100.0, 1.0))
+    assert not held.changed and "holds" in held.reason
+
+
+def test_an_slo_a_split_misses_is_met_by_moving_cores():
+    # b's SLO of 20 ms at B = 4 needs 2 cores (40/2); it has 1
+    now = [load("a", batch=4, cores=(0, 1, 2)), load("b", batch=4, cores=(3,), slo_ms=20.0)]
+    r = reallocate(now, CORES, stay_s=1.0, cost=(100.0, 1.0))
+    assert r.changed and "SLOs" in r.reason and len(r.placement("b").cores) == 2
+
+
+def test_more_busy_models_than_cores_crowds_out_the_least_loaded():
+    loads = [load("a", rate=10.0), load("b", rate=90.0), load("c", rate=50.0)]
+    r = reallocate(loads, (0, 1))
+    assert r.crowded_out == ("a",) and r.placement("a").shared
+    assert "treated as idle" in r.reason
+    assert {len(r.placement(n).cores) for n in "bc"} == {1}
+
+
+def test_a_manual_plan_keeps_its_cores_and_the_rest_is_shared_out():
+    loads = [load("a", cores=(0,), manual=True), load("b", batch=8, cores=(1,)),
+             load("c", batch=8, rate=0.0, cores=(2, 3))]
+    r = reallocate(loads, CORES)
+    assert r.placement("a").cores == (0,)
+    assert r.placement("b").cores == (1, 2, 3) and r.placement("c").shared
+    assert "a" not in r.donors + r.receivers
+
+
+# -- the controller carries it out (a fake TorchServe, an injected clock) ----------------------
+
+from packrat.serving.runtime import CoreSplit  # noqa: E402
+from tests.test_controller import CORES as TWO, make_controller, ticks, world  # noqa: E402,F401
+
+
+def test_the_controller_moves_cores_to_the_busy_model_donors_first(tmp_path, world):  # noqa: F811
+    clock, ts = world
+    c = make_controller(tmp_path, clock, ts, models=("a", "b"), core_split=CoreSplit.AUTO)
+    c.place(TWO)  # nothing measured: both busy, one core each
+    assert (c.models["a"].cores, c.models["b"].cores) == ((0,), (1,))
+    for m in c.models.values():
+        assert c.switch_now(m, c.plan_for(m, 1)).ok
+    plans = {}  # (model, version) -> its plan, as registered
+    register = ts.register
+
+    def recording(url, *, model_name, **kw):
+        register(url, model_name=model_name, **kw)
+        switch = c.switches[model_name]
+        plans[(model_name, switch.plan.version)] = (switch.plan, c.models[model_name].shared)
+
+    ts.register = recording
+    for m in c.models.values():
+        plans[(m.name, m.plan.version)] = (m.plan, m.shared)
+
+    def never_two_models_on_a_dedicated_core():
+        held = {}
+        for (name, version), (plan, shared) in plans.items():
+            if version not in ts.versions_.get(name, {}):
+                continue
+            for core in {x for slot in plan.slots for x in slot}:
+                if not shared:
+                    assert held.setdefault(core, name) == name, (core, name, held)
+
+    def run(seconds):
+        end = clock() + seconds
+        while clock() < end:
+            c.tick()
+            never_two_models_on_a_dedicated_core()
+            clock.sleep(0.05)
+
+    ts.load.update(a=8.0, b=0.0)  # a busy, b idle: a gets both cores, b the shared one
+    run(30)
+    a, b = c.models["a"], c.models["b"]
+    assert a.cores == (0, 1) and b.shared and b.cores == (1,)
+    assert b.plan.describe() == "1x<t=1,b=1>" and b.plan.slots == ((1,),)
+    state = json.loads(c.run.state_file.read_text())
+    assert state["models"]["b"]["shared"] and "b idle" in state["allocation"]["reason"]
+    inputs = state["allocation"]["inputs"]
+    assert inputs["b"]["rate_rps"] < ModelLoad("b", c._curve(b), 1, 0.0).idle_line()
+    assert inputs["a"]["rate_rps"] > 100
+    order = [x[1] for x in ts.calls if x[0] == "register"][2:]
+    assert order[0] == "b", order  # the donor registered first
+    ts.load.update(a=0.0, b=8.0)  # the opposite
+    run(40)
+    assert b.cores == (0, 1) and not b.shared and a.shared
+    ts.load.update(a=8.0, b=8.0)  # both busy: one core each
+    run(40)
+    assert {a.cores, b.cores} == {(0,), (1,)} and not a.shared and not b.shared
+    assert a.last_error is None and b.last_error is None
