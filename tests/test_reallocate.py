@@ -155,3 +155,35 @@ def test_the_controller_moves_cores_to_the_busy_model_donors_first(tmp_path, wor
     run(40)
     assert {a.cores, b.cores} == {(0,), (1,)} and not a.shared and not b.shared
     assert a.last_error is None and b.last_error is None
+
+
+def test_a_manual_plan_must_fit_the_models_cores_and_holds_them_until_auto(tmp_path, world):  # noqa: F811
+    from packrat.jsonfile import read_json, write_json
+
+    clock, ts = world
+    c = make_controller(tmp_path, clock, ts, models=("a", "b"), core_split=CoreSplit.AUTO)
+    c.place(TWO)
+    for m in c.models.values():
+        assert c.switch_now(m, c.plan_for(m, 1)).ok
+
+    def ask(rid, body):
+        write_json(c.run.requests / f"{rid}.json", body)
+        for _ in range(100):
+            c.tick()
+            clock.sleep(0.05)
+            if (c.run.requests / f"{rid}.result.json").exists():
+                return read_json(c.run.requests / f"{rid}.result.json")
+        raise AssertionError("no answer")
+
+    big = ask("big", {"model": "a", "instances": 1, "threads": 2, "batch": 1})
+    assert not big["ok"] and "a holds cores 0 in the allocation; b cores 1" in big["message"]
+    fits = ask("fits", {"model": "a", "instances": 1, "threads": 1, "batch": 4})
+    assert fits["ok"] and not c.models["a"].auto
+    # a busy, b idle: b goes to the shared core, but a's manual plan keeps its one core
+    ts.load.update(a=8.0, b=0.0)
+    ticks(c, clock, 30)
+    assert c.models["a"].cores == (0,) and c.models["a"].plan.describe() == "1x<t=1,b=4>"
+    assert c.models["b"].shared
+    assert ask("auto", {"model": "a", "auto": True})["ok"]
+    ticks(c, clock, 30)  # handed back: the allocator gives a both cores
+    assert c.models["a"].cores == (0, 1) and c.models["a"].auto
