@@ -187,3 +187,20 @@ def test_a_manual_plan_must_fit_the_models_cores_and_holds_them_until_auto(tmp_p
     assert ask("auto", {"model": "a", "auto": True})["ok"]
     ticks(c, clock, 30)  # handed back: the allocator gives a both cores
     assert c.models["a"].cores == (0, 1) and c.models["a"].auto
+
+
+def test_even_and_overlap_splits_never_move(tmp_path, world):  # noqa: F811
+    clock, ts = world
+    for split, want in ((CoreSplit.EVEN, ((0,), (1,))), (CoreSplit.OVERLAP, ((0, 1), (0, 1)))):
+        c = make_controller(tmp_path / split.value, clock, ts, models=("a", "b"),
+                            core_split=split)
+        c.place(TWO)
+        assert (c.models["a"].cores, c.models["b"].cores) == want
+        for m in c.models.values():
+            assert c.switch_now(m, c.plan_for(m, 1)).ok
+        ts.load.update(a=8.0, b=0.0)
+        ticks(c, clock, 20)
+        assert (c.models["a"].cores, c.models["b"].cores) == want
+        assert not c.models["b"].shared and c.allocation is None
+        assert all(s.slots[0][0] in want[0] for s in [c.models["a"].plan])
+        ts.load.clear()
