@@ -147,7 +147,8 @@ class Controller:
                     log.info("%s: switching (%s)", action.model, action.why)
                 self.start_switch(action)
             elif isinstance(action, Stay):
-                if m.last_stay != action.why:
+                # once per decision: the stay and the gain in `why` grow every interval
+                if (m.last_stay or "").split(",")[0] != action.why.split(",")[0]:
                     log.info("%s: staying (%s)", action.model, action.why)
                 m.last_stay = action.why
             elif isinstance(action, SetAuto):
