@@ -329,7 +329,6 @@ class Controller:
     def _promoted(self, switch: Switch) -> None:
         m = self.models[switch.model]  # (a prewarm is never promoted)
         self.run.log_switch(switch.record(self.wall(), self.clock(), True))
-        m.costing = (Kind.of(switch.from_standby), switch.started, self.clock())
         if m.plan is not None and switch.action.reason is not Reason.RESTORE:
             m.reconfigurations += 1
             m.last_reconfiguration_unix = self.wall()
@@ -368,6 +367,10 @@ class Controller:
         if not result.ok:
             m.last_error = result.message
             m.hold_until = self.clock() + self.params.retry_after_s
+        if switch.promoted_at is not None:
+            # What the switch cost: until the old version drained, both versions' workers
+            # shared the model's cores (a warm switch is a set-default, but its drain is not)
+            m.costing = (Kind.of(switch.from_standby), switch.started, self.clock())
         if switch.action.request_id:
             self._answer(switch.action.request_id, result.ok, result.message, result.plan,
                          result.seconds)
