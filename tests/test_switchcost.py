@@ -280,3 +280,17 @@ def test_prewarm_loads_the_plan_of_most_capacity_first_then_the_neighbours():
     # busy (over half the live plan's capacity in use) or not settled: nothing
     assert prewarm(view(**{**calm.__dict__, "load": 0.8}), 1000.0) is None
     assert prewarm(calm, 905.0) is None
+
+
+def test_a_plan_that_cannot_keep_up_with_the_arrivals_is_not_taken():
+    # B = 1 (the estimate), but 150 requests/s arrive: 1x<t=4,b=1> is faster for one request
+    # (4 ms against 4x<t=1,b=4>'s 10 ms at B = 1) but serves only 250/s... it keeps up; at
+    # 240/s (above 90% of 250) it does not, and the live plan of more capacity stays
+    live = manual_plan(OPT, "m", "1", 4, 1, 4, CORES)  # 432/s
+    levels = LevelHistory(1, 900.0, (20.0,) * 5)
+    calm = view(plan=live, estimate=1, load=1.0, rate=150.0, levels=levels,
+                warm_shapes=frozenset({(1, 4, 1)}))
+    (action,) = decide([calm], 1000.0, PolicyParams(), 0.0)
+    assert isinstance(action, SwitchTo) and shape_of(action.plan) == (1, 4, 1)
+    busy = view(**{**calm.__dict__, "rate": 240.0})
+    assert decide([busy], 1000.0, PolicyParams(), 0.0) == []

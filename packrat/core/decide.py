@@ -12,6 +12,7 @@ from packrat.core.optimizer import Optimizer
 from packrat.core.plan import ServedPlan, Shape, shape_of
 from packrat.core.policy import (
     PolicyParams,
+    Verdict,
     capacity_rps,
     manual_plan,
     plan_for_batch,
@@ -147,6 +148,10 @@ def decide(models: list[ModelView], now: float, policy: PolicyParams,
         stay_s = expected_stay_s(m.levels, now)
 
         def verdict(live, plan, warm):
+            if not _keeps_up(m, plan):
+                return Verdict(False, f"{plan.describe()} serves at most "
+                                      f"{capacity_rps(m.optimizer, plan):.1f} requests/s, "
+                                      f"{m.rate:.1f}/s arrive")
             return switch_verdict(live, plan, m.optimizer, m.estimate, policy,
                                   max_batch_delay_ms, stats=m.stats, stay_s=stay_s, warm=warm)
 
@@ -167,6 +172,17 @@ def decide(models: list[ModelView], now: float, policy: PolicyParams,
         elif (j := best.judgement) is not None and j.relative >= max(policy.min_gain, 1e-9):
             actions.append(Stay(m.name, best.why))  # faster, but not by enough for the cost
     return actions
+
+
+def _keeps_up(m: ModelView, plan: ServedPlan) -> bool:
+    """The plan serves the arrivals (within OVERLOAD_UTILIZATION of its capacity), or does
+    no worse than the live plan: a plan that is faster at B but slower per request would
+    queue them (B is an estimate; the arrival rate is measured)."""
+    if m.rate is None or m.plan is None:
+        return True
+    capacity = capacity_rps(m.optimizer, plan)
+    return (OVERLOAD_UTILIZATION * capacity >= m.rate
+            or capacity >= capacity_rps(m.optimizer, m.plan))
 
 
 def _overload_rescue(m: ModelView, standby: list[ServedPlan]) -> SwitchTo | None:
