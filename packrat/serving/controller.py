@@ -83,7 +83,10 @@ class Controller:
         self.stopping = False
         self.sleep = sleep or time.sleep
         self.models: dict[str, ModelRuntime] = {}
-        self.switches: dict[str, Switch] = {}     # under way, by model
+        self.switches: dict[str, Switch] = {}     # under way, by model, until promoted
+        # promoted switches whose old version drains: the model may switch again meanwhile
+        # (an overload must not wait for a drain, which under one lasted minutes)
+        self.draining: list[Switch] = []
         self.standby = Standby(run, params.standby_memory_mb)  # warm old versions
         self.queued: list[SwitchTo] = []          # waiting for another model's switch
         self.retiring: list[Retire] = []          # standby versions being deleted
@@ -107,13 +110,13 @@ class Controller:
     def run_forever(self) -> None:
         while not self.stopping:
             self.tick()
-            self.sleep(self.params.tick_s if self.switches or self.queued
+            self.sleep(self.params.tick_s if self.switches or self.queued or self.draining
                        else max(0.0, min(self.params.tick_s * 4, self.next_sample - self.clock())))
 
     def tick(self) -> None:
         if not self.server_up():
             return
-        changed = bool(self.switches or self.queued)  # status shows a switch's step
+        changed = bool(self.switches or self.queued or self.draining)  # status shows steps
         self.advance_switches()
         changed |= self.handle_requests() > 0  # before deciding: the user's requests go first
         now = self.clock()
@@ -182,7 +185,7 @@ class Controller:
     def _busy(self, name: str) -> bool:
         """A switch of the model is under way or waiting, or one of its versions retiring."""
         return (name in self.switches or any(a.model == name for a in self.queued)
-                or any(t.model == name for t in self.retiring))
+                or any(t.model == name for t in self.retiring + self.draining))
 
     # -- several models, one core budget (packrat.core.reallocate) ---------------------------
 
@@ -339,11 +342,19 @@ class Controller:
         for task in self.retiring:
             task.tick()
         self.retiring = [t for t in self.retiring if not t.finished]
+        for switch in self.draining:
+            switch.tick()
+            if switch.result is not None:
+                self._finished(switch)
+        self.draining = [s for s in self.draining if s.result is None]
         for name, switch in list(self.switches.items()):
             switch.tick()
             if switch.result is not None:
                 del self.switches[name]
                 self._finished(switch)
+            elif switch.promoted_at is not None:  # the rest is its old version's drain
+                del self.switches[name]
+                self.draining.append(switch)
         waiting, self.queued = self.queued, []
         for action in waiting:
             self.start_switch(action)
@@ -352,7 +363,7 @@ class Controller:
         m, result = self.models[switch.model], switch.result
         if switch.promoted_at is None:  # a promoted one was logged then
             self.run.log_switch(switch.record(self.wall(), self.clock(), result.ok))
-        unfit = self.standby.park(switch.model, switch.parked, self.clock())
+        unfit = self.standby.park(switch.model, switch.parked, self.clock(), switch.parks)
         if unfit is not None:
             self.start_retire(unfit)
         for gone in self.standby.off_cores(m.name, m.cores):  # its cores changed
@@ -444,10 +455,11 @@ class Controller:
         return True
 
     def _abort_switches(self, why: str) -> None:
-        for switch in self.switches.values():
+        for switch in [*self.switches.values(), *self.draining]:
             switch.abort(why)
             self._finished(switch)
         self.switches.clear()
+        self.draining = []
         self.standby.lost()
         self.retiring = []
 
@@ -547,7 +559,8 @@ class Controller:
     def save_state(self) -> None:
         models = {}
         for m in self.models.values():
-            switch = self.switches.get(m.name)
+            switch = self.switches.get(m.name) or next(
+                (s for s in self.draining if s.model == m.name), None)
             models[m.name] = {
                 "version": m.plan.version if m.plan else None,
                 "estimated_batch": m.estimator.estimate,

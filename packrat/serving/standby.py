@@ -33,7 +33,8 @@ class Standby:
     def __init__(self, run: RunDir, budget_mb: float) -> None:
         self.run, self.budget_mb = run, budget_mb
         self.set = StandbySet()
-        self.parking: dict[str, float] = {}  # model -> MB its old version will hold
+        # (model, version) -> MB it will hold once a switch under way parks it
+        self.parking: dict[tuple[str, str], float] = {}
 
     def take(self, action: SwitchTo, cores: tuple[int, ...]) -> tuple[SwitchTo, bool]:
         """The action switching to a standby version of the same plan if there is one
@@ -59,10 +60,11 @@ class Standby:
                                                            Reason.REALLOCATE):
             return (), False
         need = pss_mb(self.run.slot_pids(old.model, old.version).values())
-        if not 0 < need <= self.budget_mb:
+        room = self.budget_mb - sum(self.parking.values())  # versions other switches will park
+        if not 0 < need <= room:
             return (), False
-        self.set, evicted = make_room(self.set, self.budget_mb, need)
-        self.parking[old.model] = need
+        self.set, evicted = make_room(self.set, room, need)
+        self.parking[(old.model, old.version)] = need
         for e in evicted:
             log.info("%s: evicting standby version %s (%s, %.0f MB)", e.model, e.plan.version,
                      e.plan.describe(), e.memory_mb)
@@ -77,10 +79,12 @@ class Standby:
                      "it", model, e.plan.version, e.plan.describe(), ",".join(map(str, cores)))
         return tuple(e.plan for e in gone)
 
-    def park(self, model: str, parked: ServedPlan | None, now: float) -> ServedPlan | None:
-        """A switch of model ended, its old version parked (or not); returns a version to
-        delete if it no longer fits (another switch took the room meanwhile)."""
-        need = self.parking.pop(model, 0.0)
+    def park(self, model: str, parked: ServedPlan | None, now: float,
+             intended: str | None = None) -> ServedPlan | None:
+        """A switch of model ended, the version it meant to park (`intended`) parked or not;
+        returns a version to delete if it no longer fits (another switch took the room
+        meanwhile)."""
+        need = self.parking.pop((model, intended), 0.0) if intended is not None else 0.0
         if parked is None:
             return None
         admitted = admit(self.set, StandbyEntry(parked, need, now), self.budget_mb)
@@ -98,9 +102,10 @@ class Standby:
         pids = self.run.slot_pids(live.model, live.version).values()
         per_worker = pss_mb(pids) / max(1, len(pids))
         need = per_worker * target.instances
-        if not self.budget_mb or not 0 < need <= self.budget_mb - self.set.memory_mb:
+        room = self.budget_mb - self.set.memory_mb - sum(self.parking.values())
+        if not self.budget_mb or not 0 < need <= room:
             return False
-        self.parking[target.model] = need
+        self.parking[(target.model, target.version)] = need
         return True
 
     def estimator_params(self, model: str, optimizer: Optimizer, cores: tuple[int, ...],

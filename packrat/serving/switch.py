@@ -166,6 +166,14 @@ class Switch(Task):
     def model(self) -> str:
         return self.plan.model
 
+    @property
+    def parks(self) -> str | None:
+        """The version this switch keeps as standby if all goes well (its memory is held for
+        it in the budget meanwhile)."""
+        if self.prewarm:
+            return self.plan.version
+        return self.old.version if self.park_old and self.old is not None else None
+
     def record(self, wall_now: float, clock_now: float, ok: bool) -> dict:
         """The switch for RUN/switches.jsonl, written once it is promoted (or has ended
         without): decision (its start) to new default."""
