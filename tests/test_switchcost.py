@@ -264,7 +264,7 @@ def test_a_standby_plan_nearly_as_good_beats_a_cold_switch_to_the_best():
     assert isinstance(stay, Stay)
 
 
-def test_prewarm_loads_the_plan_of_most_capacity_first_then_the_neighbours():
+def test_prewarm_loads_the_plans_of_most_capacity_first_then_the_neighbours():
     # capacities: 4x<t=1,b=4> 432/s, 4x<t=1,b=2> 421/s (within 5%, and faster: 19 ms), ...
     peak = most_capacity(OPT, "m", "9", CORES)
     assert shape_of(peak) == (4, 1, 2) and capacity_rps(OPT, peak) == pytest.approx(8000 / 19)
@@ -274,9 +274,14 @@ def test_prewarm_loads_the_plan_of_most_capacity_first_then_the_neighbours():
     first = prewarm(calm, 1000.0)
     assert first.reason is Reason.PREWARM and shape_of(first.plan) == (4, 1, 2)
     assert "most capacity" in first.why
+    # ... then the fastest within 90% of it: 4x<t=1,b=1>, 400/s in 10 ms
+    assert shape_of(most_capacity(OPT, "m", "9", CORES, within=0.9)) == (4, 1, 1)
     second = prewarm(view(**{**calm.__dict__, "warm_shapes": frozenset({(4, 1, 2)})}), 1000.0)
-    assert shape_of(second.plan) == shape_of(plan_for_batch(OPT, "m", "1", 2, CORES))
-    assert "B=2" in second.why
+    assert shape_of(second.plan) == (4, 1, 1) and "most capacity" in second.why
+    third = prewarm(view(**{**calm.__dict__, "warm_shapes": frozenset({(4, 1, 2), (4, 1, 1)})}),
+                    1000.0)
+    assert shape_of(third.plan) == shape_of(plan_for_batch(OPT, "m", "1", 2, CORES))
+    assert "B=2" in third.why
     # busy (over half the live plan's capacity in use) or not settled: nothing
     assert prewarm(view(**{**calm.__dict__, "load": 0.8}), 1000.0) is None
     assert prewarm(calm, 905.0) is None
