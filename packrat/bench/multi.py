@@ -796,7 +796,9 @@ def _packrat_server(name: str, models: Sequence[_Model], options: MultiOptions,
             text = (self.log.read_bytes()[self.log_from:].decode(errors="replace")
                     if self.log.is_file() else "")
             errors = [ln.strip() for ln in text.splitlines() if "error" in ln.lower()]
-            return (f"packrat serve exited with {self.proc.returncode} during the run"
+            when = ("when stopped (it was on its way out already, or `packrat stop` failed)"
+                    if stopped else "during the run")
+            return (f"packrat serve exited with {self.proc.returncode} {when}"
                     + (f" ({errors[-1][:300]})" if errors else "") + f"; see {self.log}")
 
         def status_json(self) -> dict | None:
