@@ -2,6 +2,7 @@
 core, donors before receivers, cores kept where they can be, hysteresis."""
 
 import json
+from dataclasses import replace
 
 from packrat.core.allocate import ServedCurve
 from packrat.core.profile import Profile, ProfilePoint
@@ -99,6 +100,7 @@ def test_a_manual_plan_keeps_its_cores_and_the_rest_is_shared_out():
 
 from packrat.serving.runtime import CoreSplit  # noqa: E402
 from tests.test_controller import CORES as TWO, make_controller, ticks, world  # noqa: E402,F401
+from tests.test_standby import memory  # noqa: E402,F401
 
 
 def test_the_controller_moves_cores_to_the_busy_model_donors_first(tmp_path, world):  # noqa: F811
@@ -204,3 +206,27 @@ def test_even_and_overlap_splits_never_move(tmp_path, world):  # noqa: F811
         assert not c.models["b"].shared and c.allocation is None
         assert all(s.slots[0][0] in want[0] for s in [c.models["a"].plan])
         ts.load.clear()
+
+
+def test_a_model_that_shrinks_drops_its_wider_standby_plans(tmp_path, world, memory):  # noqa: F811
+    # a holds both cores with 2x<t=1,b=1> in standby; b wakes up: a shrinks to one core,
+    # where that standby plan cannot run (it once stopped the controller: "2 instances x 1
+    # threads need 2 cores")
+    clock, ts = world
+    c = make_controller(tmp_path, clock, ts, models=("a", "b"), core_split=CoreSplit.AUTO,
+                        standby_memory_mb=1000)
+    c.place(TWO)
+    a, b = c.models["a"], c.models["b"]
+    for m in (a, b):
+        assert c.switch_now(m, c.plan_for(m, 1)).ok
+    ts.load.update(a=8.0, b=0.0)
+    ticks(c, clock, 30)
+    assert a.cores == (0, 1) and b.shared
+    assert c.switch_now(a, replace(c.plan_for(a, 2), version=str(a.next_version))).ok
+    assert c.switch_now(a, replace(c.plan_for(a, 1), version=str(a.next_version))).ok
+    assert any(e.plan.model == "a" and e.plan.instances == 2 for e in c.standby.set.entries)
+    ts.load.update(b=8.0)
+    ticks(c, clock, 40)
+    assert {a.cores, b.cores} == {(0,), (1,)} and a.last_error is None and c.server_event is None
+    assert all(e.plan.model != "a" or {x for s in e.plan.slots for x in s} <= set(a.cores)
+               for e in c.standby.set.entries)

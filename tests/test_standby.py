@@ -140,3 +140,10 @@ def test_the_estimator_is_quicker_to_adopt_a_b_whose_plan_is_warm(tmp_path, worl
     warm = c.standby.estimator_params("a", m.optimizer, m.cores, 2, base)
     assert warm.patience < base.patience and warm.slow_patience < base.slow_patience
     assert c.standby.estimator_params("a", m.optimizer, m.cores, 8, base) == base
+
+
+def test_a_standby_plan_wider_than_the_models_cores_is_not_found():
+    plan = ServedPlan("a", "2", 1, 2, 1, ((0,), (1,)), 5.0, 2)
+    s = StandbySet((StandbyEntry(plan, 100.0, 0.0),))
+    assert s.find("a", (2, 1, 1), (0, 1)) is not None
+    assert s.find("a", (2, 1, 1), (0,)) is None  # the model now holds one core

@@ -40,6 +40,8 @@ class StandbySet:
         """A standby version of model with this shape, pinned to the slots a plan of that
         shape gets on these cores."""
         instances, threads, _ = shape
+        if instances * threads > len(cores):  # e.g. the model's cores shrank: none fits
+            return None
         slots = slots_for(threads, instances, cores)
         for e in self.entries:
             if e.model == model and shape_of(e.plan) == shape and e.plan.slots == slots:

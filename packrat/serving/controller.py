@@ -124,10 +124,14 @@ class Controller:
             self.next_sample = now + self.params.interval_s
             changed = True  # a new estimate
             if self.sample_all():
-                self._reallocate(now)  # first: a model it moves is switching, decide skips it
-                self.carry_out(decide(self.views(), now, self.params.policy,
-                                      self.params.max_batch_delay_ms))
-                self._prewarm(now)
+                try:
+                    self._reallocate(now)  # first: a model it moves is switching, decide skips it
+                    self.carry_out(decide(self.views(), now, self.params.policy,
+                                          self.params.max_batch_delay_ms))
+                    self._prewarm(now)
+                except PlanError as e:  # a decision that cannot be made must not stop serving
+                    log.exception("deciding: %s", e)
+                    self.server_event = f"a decision failed (see {self.run.log_file}): {e}"
         if changed:  # an idle tick (every 0.2 s) writes nothing
             self.save_state()
 
