@@ -204,8 +204,8 @@ class Controller:
         if len(self.models) < 2 or split is CoreSplit.OVERLAP:
             return
         if split is CoreSplit.EVEN:
-            loads = [ModelLoad(m.name, ServedCurve(m.whole), 1, None) for m in self.models.values()]
-            counts = even_split([ModelDemand(x.name, x.curve, 1) for x in loads], len(cores))
+            counts = even_split([ModelDemand(m.name, self._curve(m), 1)
+                                 for m in self.models.values()], len(cores))
             start = 0
             for m, n in zip(self.models.values(), counts):
                 if n == 0:
@@ -238,7 +238,8 @@ class Controller:
         receivers once the donors' switches and the retiring of their old versions have
         ended, so no two models' dedicated workers share a core at any moment."""
         if (self.params.core_split is not CoreSplit.AUTO or len(self.models) < 2
-                or not self.all_cores or now < self.realloc_hold_until or any(self._busy(n) for n in self.models)):
+                or not self.all_cores or now < self.realloc_hold_until
+                or any(self._busy(n) for n in self.models)):
             return
         try:
             r = self._weigh(now)
