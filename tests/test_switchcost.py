@@ -299,3 +299,41 @@ def test_a_plan_that_cannot_keep_up_with_the_arrivals_is_not_taken():
     assert isinstance(action, SwitchTo) and shape_of(action.plan) == (1, 4, 1)
     busy = view(**{**calm.__dict__, "rate": 240.0})
     assert decide([busy], 1000.0, PolicyParams(), 0.0) == []
+
+
+def test_an_overload_switch_says_so_and_plans_of_less_capacity_need_a_margin():
+    live = manual_plan(OPT, "m", "1", 1, 4, 1, CORES)  # 250/s
+    levels = LevelHistory(6, 999.0, (20.0,) * 5)
+    over = view(plan=live, estimate=6, load=6.0, rate=300.0, levels=levels,
+                warm_shapes=frozenset({(4, 1, 4)}))
+    (action,) = decide([over], 1000.0, PolicyParams(), 10.0)
+    assert action.reason is Reason.OVERLOAD
+    # back from 4x<t=1,b=4> (432/s) to 1x<t=4,b=1> (250/s, faster at B = 1): only once the
+    # arrivals are below 70% of its capacity (175/s), not at 200/s, where the rescue's 90%
+    # (225/s) would already be met: the band between the two stops a flap
+    big = manual_plan(OPT, "m", "2", 4, 1, 4, CORES)
+    calm = view(plan=big, estimate=1, load=1.0, rate=200.0, levels=LevelHistory(1, 900.0, ()),
+                warm_shapes=frozenset({(1, 4, 1)}))
+    assert decide([calm], 1000.0, PolicyParams(), 10.0) == []
+    (back,) = decide([view(**{**calm.__dict__, "rate": 170.0})], 1000.0, PolicyParams(), 10.0)
+    assert shape_of(back.plan) == (1, 4, 1) and back.warm
+
+
+def test_no_cold_switch_while_an_old_version_drains():
+    now = 1000.0
+    levels = short_levels(now)
+    cheap = SwitchStats(cold=SwitchCost(0.1, 0.1, 4))
+    assert isinstance(decide([view(levels=levels, stats=cheap)], now, PolicyParams(), 10.0)[0],
+                      SwitchTo)
+    assert decide([view(levels=levels, stats=cheap, draining=True)], now, PolicyParams(),
+                  10.0) == []
+    # a warm one may go ahead
+    (warm,) = decide([view(levels=levels, draining=True, warm_shapes=frozenset({(4, 1, 1)}))],
+                     now, PolicyParams(), 10.0)
+    assert warm.warm
+
+
+def test_a_switch_measured_as_free_still_costs_a_floor():
+    s = observe(SwitchStats(), Kind.COLD, 12.0, -0.5)  # the load fell meanwhile
+    assert s.cold.slowdown == 0.0 and s.cost(warm=False) == (12.0, 0.25)
+    assert observe(SwitchStats(), Kind.WARM, 2.0, 0.0).cost(warm=True) == (2.0, 0.05)

@@ -142,8 +142,8 @@ class SwitchRecord:
 
 
 def read_switches(path: Path, model: str, since_unix: float) -> tuple[SwitchRecord, ...]:
-    """The controller's own (reason auto) successful switches of model in a switches.jsonl,
-    decided at or after since_unix; unreadable lines are skipped."""
+    """The controller's own (reason auto or overload) successful switches of model in a
+    switches.jsonl, decided at or after since_unix; unreadable lines are skipped."""
     out = []
     try:
         lines = Path(path).read_text().splitlines()
@@ -152,7 +152,7 @@ def read_switches(path: Path, model: str, since_unix: float) -> tuple[SwitchReco
     for line in lines:
         try:
             d = json.loads(line)
-            if (d["model"] != model or d["reason"] != "auto" or not d["ok"]
+            if (d["model"] != model or d["reason"] not in ("auto", "overload") or not d["ok"]
                     or d["at_unix"] < since_unix):
                 continue
             p = d["plan"]

@@ -48,6 +48,7 @@ class ModelView:
     load: float | None = None    # the estimator's smoothed load (mean requests in the system)
     rate: float | None = None    # the estimator's arrivals per second (EWMA)
     placement: str = ""          # the model's cores in the server's allocation, for messages
+    draining: bool = False       # an old version still drains on its cores: no cold switch
 
 
 class Reason(Enum):
@@ -56,6 +57,7 @@ class Reason(Enum):
     RESTORE = "restore"    # TorchServe restarted: serve the plan again
     PREWARM = "prewarm"    # load a likely next plan into standby; the live plan stays
     REALLOCATE = "reallocate"  # the model's cores changed (several models, one core budget)
+    OVERLOAD = "overload"  # arrivals outrun the live plan: a standby plan of more capacity
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,10 @@ Action = SwitchTo | SetAuto | SetManual | Answer | Note | Stay
 # A plan is overloaded when the arrivals exceed this share of its capacity (full batches)
 # while more requests wait than it holds in one round: its queue can only grow.
 OVERLOAD_UTILIZATION = 0.9
+# ... and a plan of less capacity than the live one is taken only below this share of its
+# capacity: the band between the two keeps the arrival rate's noise (Poisson, ~10% over a
+# few seconds at 15 requests/s) from flapping between plans at a burst's rate.
+DOWN_UTILIZATION = 0.7
 
 
 def decide(models: list[ModelView], now: float, policy: PolicyParams,
@@ -157,6 +163,10 @@ def decide(models: list[ModelView], now: float, policy: PolicyParams,
 
         warm = shape_of(target) in m.warm_shapes
         best = verdict(m.plan, target, warm)
+        if m.draining and not warm:
+            # two versions already share the cores: loading a third would slow both
+            best = Verdict(False, f"{target.describe()} is cold and an old version still "
+                                  "drains")
         if not warm and standby:
             # The best standby plan for B: taken instead of a cold switch to the best plan
             # unless that one is worth its cost over the standby one too.
@@ -175,14 +185,14 @@ def decide(models: list[ModelView], now: float, policy: PolicyParams,
 
 
 def _keeps_up(m: ModelView, plan: ServedPlan) -> bool:
-    """The plan serves the arrivals (within OVERLOAD_UTILIZATION of its capacity), or does
-    no worse than the live plan: a plan that is faster at B but slower per request would
-    queue them (B is an estimate; the arrival rate is measured)."""
+    """The plan has no less capacity than the live one, or serves the arrivals within
+    DOWN_UTILIZATION of its capacity: a plan that is faster at B but serves fewer requests
+    per second would queue them (B is an estimate; the arrival rate is measured)."""
     if m.rate is None or m.plan is None:
         return True
     capacity = capacity_rps(m.optimizer, plan)
-    return (OVERLOAD_UTILIZATION * capacity >= m.rate
-            or capacity >= capacity_rps(m.optimizer, m.plan))
+    return (capacity >= capacity_rps(m.optimizer, m.plan)
+            or DOWN_UTILIZATION * capacity >= m.rate)
 
 
 def _overload_rescue(m: ModelView, standby: list[ServedPlan]) -> SwitchTo | None:
@@ -203,7 +213,7 @@ def _overload_rescue(m: ModelView, standby: list[ServedPlan]) -> SwitchTo | None
     keep_up = [p for p in more if OVERLOAD_UTILIZATION * capacity_rps(m.optimizer, p) >= m.rate]
     pick = (min(keep_up, key=lambda p: p.predicted_ms) if keep_up
             else max(more, key=lambda p: capacity_rps(m.optimizer, p)))
-    return SwitchTo(pick, Reason.AUTO, warm=True,
+    return SwitchTo(pick, Reason.OVERLOAD, warm=True,
                     why=f"overloaded: {m.rate:.1f} requests/s arrive, {m.plan.describe()} "
                         f"serves at most {live_rps:.1f}/s, {pick.describe()} "
                         f"{capacity_rps(m.optimizer, pick):.1f}/s (in standby)")

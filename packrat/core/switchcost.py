@@ -68,11 +68,15 @@ class SwitchStats:
         return self.warm if kind is Kind.WARM else self.cold
 
     def cost(self, warm: bool) -> tuple[float, float]:
-        """(duration_s, slowdown) of a switch of that kind, as worth_switching takes it."""
-        c = self.of(Kind.of(warm))
-        return (c.duration_s, c.slowdown)
+        """(duration_s, slowdown) of a switch of that kind, as worth_switching takes it; the
+        slowdown at least MIN_SLOWDOWN of its kind: a switch measured as free (the load fell
+        meanwhile) still loads or drains workers on the serving cores."""
+        kind = Kind.of(warm)
+        c = self.of(kind)
+        return (c.duration_s, max(c.slowdown, MIN_SLOWDOWN[kind]))
 
 
+MIN_SLOWDOWN = {Kind.COLD: 0.25, Kind.WARM: 0.05}
 NO_MEASUREMENTS = SwitchStats()  # the defaults, as a shared immutable value
 
 

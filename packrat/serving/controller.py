@@ -142,7 +142,8 @@ class Controller:
                           m.name in self.switches or any(a.model == m.name for a in self.queued),
                           m.hold_until, m.next_version, m.stats, m.levels,
                           self.standby.shapes(m.name, m.cores), m.estimator.smoothed,
-                          m.estimator.rate, self._placement_note(m))
+                          m.estimator.rate, self._placement_note(m),
+                          any(s.model == m.name for s in self.draining))
                 for m in self.models.values()]
 
     def carry_out(self, actions: list[Action]) -> None:
@@ -383,9 +384,10 @@ class Controller:
         if not result.ok:
             m.last_error = result.message
             m.hold_until = self.clock() + self.params.retry_after_s
-        if switch.promoted_at is not None:
+        if switch.promoted_at is not None and switch.action.reason is not Reason.OVERLOAD:
             # What the switch cost: until the old version drained, both versions' workers
-            # shared the model's cores (a warm switch is a set-default, but its drain is not)
+            # shared the model's cores (a warm switch is a set-default, but its drain is not).
+            # (Not after an overload: the load rose under it, and the slowdown is the load's.)
             m.costing = (Kind.of(switch.from_standby), switch.started, self.clock())
         if switch.action.request_id:
             self._answer(switch.action.request_id, result.ok, result.message, result.plan,
