@@ -337,3 +337,13 @@ def test_a_switch_measured_as_free_still_costs_a_floor():
     s = observe(SwitchStats(), Kind.COLD, 12.0, -0.5)  # the load fell meanwhile
     assert s.cold.slowdown == 0.0 and s.cost(warm=False) == (12.0, 0.25)
     assert observe(SwitchStats(), Kind.WARM, 2.0, 0.0).cost(warm=True) == (2.0, 0.05)
+
+
+def test_two_rounds_force_only_a_warm_switch_three_any():
+    one = plan_for_batch(OPT, "m", "1", 1, CORES)            # 1x<t=4,b=1>: 8 ms for B = 2
+    two = manual_plan(OPT, "m", "2", 2, 2, 1, CORES)         # 2x<t=2,b=1>: 6 ms
+    cold = switch_verdict(one, two, OPT, 2, stay_s=10.0)
+    assert not cold.switch and "cold: gain" in cold.why       # weighed: B = 2 may be noise
+    assert switch_verdict(one, two, OPT, 2, stay_s=10.0, warm=True).switch
+    three = manual_plan(OPT, "m", "3", 4, 1, 1, CORES)       # B = 3: three rounds of 4 ms
+    assert switch_verdict(one, three, OPT, 3, stay_s=10.0).switch

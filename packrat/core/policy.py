@@ -115,7 +115,11 @@ def switch_verdict(current: ServedPlan | None, target: ServedPlan, opt: Optimize
     change = f"{now:.1f} -> {new:.1f} ms at B={batch}"
     if math.isinf(now):
         return Verdict(not math.isinf(new), f"{change}: the profile cannot tell the live plan")
-    faster = new <= now * (1.0 - params.min_gain)
+    # A cold switch also needs B clearly beyond the live plan's one round: at low load the
+    # estimate wavers between 1 and 2, and switches forced by two rounds churned.
+    rounds = -(-batch // (current.instances * current.batch_size))
+    faster = new <= now * (1.0 - params.min_gain) and (warm or rounds >= 3
+                                                        or not params.cost_aware)
     if faster and current.instances * current.batch_size < batch <= target.instances * target.batch_size:
         # The live plan needs several rounds for B; the profile has no figure for the queueing
         # and per-batch costs between rounds, so its prediction is too kind: serve B in one.
