@@ -230,3 +230,28 @@ def test_a_model_that_shrinks_drops_its_wider_standby_plans(tmp_path, world, mem
     assert {a.cores, b.cores} == {(0,), (1,)} and a.last_error is None and c.server_event is None
     assert all(e.plan.model != "a" or {x for s in e.plan.slots for x in s} <= set(a.cores)
                for e in c.standby.set.entries)
+
+
+def test_a_few_requests_in_a_row_do_not_wake_an_idle_model():
+    # the fast rate jumped over twice the line (5/s here), the slow one did not
+    assert not load("b", rate=12.0, shared=True, slow_rate=2.0).busy()
+    assert load("b", rate=12.0, shared=True, slow_rate=11.0).busy()
+    assert load("b", rate=12.0, shared=False, slow_rate=0.0).busy()  # busy stays busy
+
+
+def test_a_model_placed_on_its_cores_is_planned_for_its_arrivals():
+    from packrat.core.optimizer import Optimizer
+    from packrat.core.policy import batch_for_rate, capacity_rps, plan_for_batch
+
+    opt = Optimizer(PROFILE, 2)  # 1 thread, batch 1: 10 ms (100/s); 2 threads: 200/s
+    assert batch_for_rate(opt, None, (0, 1)) == 1
+    assert batch_for_rate(opt, 150.0, (0, 1)) == 1  # 1x<t=2,b=1> serves 200/s
+    # 190/s: no plan keeps up within 90% (every plan here serves 200/s): the first of most
+    assert batch_for_rate(opt, 190.0, (0, 1)) == 1
+    from tests.test_controller import PROFILE as SUBLINEAR  # 2 threads help less than 2x
+    sub = Optimizer(SUBLINEAR, 2)   # 1x<t=2,b=1>: 500/s; 2x<t=1,b=1>: 571/s
+    assert batch_for_rate(sub, 400.0, (0, 1)) == 1
+    assert batch_for_rate(sub, 480.0, (0, 1)) == 2
+    one = Optimizer(PROFILE, 1)
+    b = batch_for_rate(one, 95.0, (0,))  # one core serves 100/s at any batch: the most it can
+    assert capacity_rps(one, plan_for_batch(one, "", "", b, (0,))) == 100.0

@@ -35,6 +35,8 @@ the EWMA restarts there.
 Rate. `rate` is an EWMA (weight `alpha`) of arrivals per second, with no patience: Little's L
 says how many requests wait, not whether the live plan keeps up with their arrival; the
 policy compares the rate with a plan's throughput to see a queue that can only grow.
+`slow_rate` (weight SLOW_ALPHA) decides whether an idle model has turned busy: a few requests
+in a row must not take cores.
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ class Sample:
     time_s: float  # monotonic seconds
     requests: float  # cumulative requests (TorchServe counts a request when it arrives)
     latency_us: float  # cumulative latency sum, microseconds
+
+
+# The slow rate's weight: about 20 intervals. At 0.2 requests/s one request in a 1 s interval
+# lifts the fast EWMA to 0.3/s, a few in a row above an idle model's line; this one stays put.
+SLOW_ALPHA = 0.05
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,7 @@ class EstimatorState:
     recent: tuple[float, ...] = ()  # the last `window` loads, oldest first
     request_s: float = 0.0  # mean latency of one request in the last interval that had any
     rate: float | None = None  # EWMA (weight alpha) of arrivals per second: is a plan overloaded
+    slow_rate: float | None = None  # the same with weight SLOW_ALPHA: is an idle model busy again
 
 
 def load_from(prev: Sample, cur: Sample) -> float | None:
@@ -125,6 +133,8 @@ def observe(
                  else state.request_s)
     per_s = arrived / (sample.time_s - last.time_s)
     rate = per_s if state.rate is None else params.alpha * per_s + (1 - params.alpha) * state.rate
+    slow_rate = (per_s if state.slow_rate is None
+                 else SLOW_ALPHA * per_s + (1 - SLOW_ALPHA) * state.slow_rate)
     recent = (state.recent + (min(load, params.max_batch),))[-params.window :]
     level = median(recent)
     if state.smoothed is None:
@@ -137,7 +147,7 @@ def observe(
     fast = max(target / est, est / target) >= 1 + params.wide_change  # up or down
     slow = abs(smoothed - est) > params.min_change * est and (smoothed > est) == (side > 0)
     new = replace(state, last=sample, recent=recent, smoothed=smoothed, candidate=None, streak=0,
-                  rate=rate,
+                  rate=rate, slow_rate=slow_rate,
                   request_s=request_s if math.isfinite(request_s) else 0.0)
     if side == 0 or not (fast or slow):  # inside the band
         return new

@@ -75,6 +75,28 @@ def capacity_rps(opt: Optimizer, plan: ServedPlan) -> float:
         plan.instances * plan.batch_size * 1000.0 / ms)
 
 
+def batch_for_rate(opt: Optimizer, rate: float | None, cores: tuple[int, ...],
+                   utilization: float = 0.9) -> int:
+    """The smallest B whose served plan on these cores keeps up with `rate` requests per
+    second within `utilization` of its capacity (the B a queue settles at), else the B of
+    the plan of most capacity; 1 with no rate. For a model placed on new cores, whose
+    estimate may still describe its time on the shared core."""
+    if not rate or rate <= 0:
+        return 1
+    best, best_rps = 1, 0.0
+    for batch in range(1, opt.max_servable + 1):
+        try:
+            plan = plan_for_batch(opt, "", "", batch, cores)
+        except PlanError:
+            continue
+        rps = capacity_rps(opt, plan)
+        if utilization * rps >= rate:
+            return batch
+        if rps > best_rps:
+            best, best_rps = batch, rps
+    return best
+
+
 def manual_plan(opt: Optimizer, model: str, version: str, instances: int, threads: int,
                 batch_size: int, cores: tuple[int, ...]) -> ServedPlan:
     for name, value in (("instances", instances), ("threads", threads), ("batch", batch_size)):

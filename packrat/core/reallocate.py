@@ -56,6 +56,7 @@ class ModelLoad:
     cores: tuple[int, ...] = ()   # its dedicated cores now (() when shared or not placed)
     shared: bool = False          # on the shared core now
     manual: bool = False          # a manual plan holds: its cores stay as they are
+    slow_rate: float | None = None  # a slower average of the arrivals (None: use rate)
 
     def idle_line(self) -> float:
         """Requests per second below which the model is idle."""
@@ -63,10 +64,15 @@ class ModelLoad:
         return IDLE_SHARE * 1000.0 / ms if ms > 0 and math.isfinite(ms) else 0.0
 
     def busy(self) -> bool:
+        """Busy above the idle line; an idle one only once both the rate and the slow rate
+        are above BUSY_AGAIN times it (a few requests in a row do not take cores)."""
         if self.rate is None:
             return True
-        line = self.idle_line() * (BUSY_AGAIN if self.shared else 1.0)
-        return self.rate >= line
+        if not self.shared:
+            return self.rate >= self.idle_line()
+        line = self.idle_line() * BUSY_AGAIN
+        slow = self.rate if self.slow_rate is None else self.slow_rate
+        return self.rate >= line and slow >= line
 
 
 @dataclass(frozen=True)

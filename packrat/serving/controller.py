@@ -42,7 +42,7 @@ from packrat.core.decide import (
 from packrat.core.allocate import ModelDemand, ServedCurve, even_split
 from packrat.core.optimizer import Optimizer
 from packrat.core.plan import ServedPlan
-from packrat.core.policy import manual_plan, plan_for_batch, served_latency
+from packrat.core.policy import batch_for_rate, manual_plan, plan_for_batch, served_latency
 from packrat.core.reallocate import ModelLoad, Reallocation, reallocate
 from packrat.core.switchcost import Kind, expected_stay_s
 from packrat.errors import PackratError, PlanError, TorchServeError
@@ -228,7 +228,8 @@ class Controller:
         cost = max(costs, key=lambda c: c[0] * c[1])
         stays = [expected_stay_s(m.levels, now) for m in self.models.values()]
         loads = [ModelLoad(m.name, self._curve(m), m.estimator.estimate, m.estimator.rate,
-                           m.slo_ms, () if m.shared else m.cores, m.shared, not m.auto)
+                           m.slo_ms, () if m.shared else m.cores, m.shared, not m.auto,
+                           m.estimator.slow_rate)
                  for m in self.models.values()]
         return reallocate(loads, self.all_cores, min_gain=self.params.policy.min_gain,
                           stay_s=min(stays), cost=cost)
@@ -238,9 +239,10 @@ class Controller:
         the donors switch first (their new versions fit inside their old cores), the
         receivers once the donors' switches and the retiring of their old versions have
         ended, so no two models' dedicated workers share a core at any moment."""
+        # (old versions draining do not hold it up: receivers wait for their donors' drains)
         if (self.params.core_split is not CoreSplit.AUTO or len(self.models) < 2
-                or not self.all_cores or now < self.realloc_hold_until
-                or any(self._busy(n) for n in self.models)):
+                or not self.all_cores or now < self.realloc_hold_until or self.switches
+                or self.queued):
             return
         try:
             r = self._weigh(now)
@@ -283,11 +285,14 @@ class Controller:
         m.optimizer = Optimizer(m.whole.profile, len(m.cores))
 
     def plan_for(self, m: ModelRuntime, batch: int) -> ServedPlan:
+        """The plan of a model placed on its cores: for B, or for the B its arrivals need
+        there if more (its estimate may still describe its time on the shared core)."""
         version = str(m.next_version)
         if m.shared:
             return replace(manual_plan(m.optimizer, m.name, version, 1, 1, 1, m.cores),
                            shared=True)
-        return plan_for_batch(m.optimizer, m.name, version, max(1, batch), m.cores)
+        batch = max(batch, batch_for_rate(m.optimizer, m.estimator.rate, m.cores))
+        return plan_for_batch(m.optimizer, m.name, version, batch, m.cores)
 
     def _allocated(self, r: Reallocation, wall: float) -> None:
         self.allocation = {
