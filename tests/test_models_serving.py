@@ -16,7 +16,15 @@ from packrat.serving.rundir import RunDir
 from packrat.torchserve import TorchServeClient, load_settings
 from tests.conftest import TORCHSERVE, has_torchserve, require_now
 from tests.serving import (
-    CORES, N_SERVE, PROFILE, SERVE_CORES, packrat, start_serve, status, stop_serve, wait_answered,
+    CORES,
+    N_SERVE,
+    PROFILE,
+    SERVE_CORES,
+    packrat,
+    start_serve,
+    status,
+    stop_serve,
+    wait_answered,
     wait_for,
 )
 

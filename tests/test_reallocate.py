@@ -98,8 +98,10 @@ def test_a_manual_plan_keeps_its_cores_and_the_rest_is_shared_out():
 
 # -- the controller carries it out (a fake TorchServe, an injected clock) ----------------------
 
+from packrat.serving.corebudget import plan_for  # noqa: E402
 from packrat.serving.runtime import CoreSplit  # noqa: E402
-from tests.test_controller import CORES as TWO, make_controller, ticks, world  # noqa: E402,F401
+from tests.test_controller import CORES as TWO  # noqa: E402
+from tests.test_controller import make_controller, ticks, world  # noqa: E402,F401
 from tests.test_standby import memory  # noqa: E402,F401
 
 
@@ -109,7 +111,7 @@ def test_the_controller_moves_cores_to_the_busy_model_donors_first(tmp_path, wor
     c.place(TWO)  # nothing measured: both busy, one core each
     assert (c.models["a"].cores, c.models["b"].cores) == ((0,), (1,))
     for m in c.models.values():
-        assert c.switch_now(m, c.plan_for(m, 1)).ok
+        assert c.switch_now(m, plan_for(m, 1)).ok
     plans = {}  # (model, version) -> its plan, as registered
     register = ts.register
 
@@ -146,7 +148,7 @@ def test_the_controller_moves_cores_to_the_busy_model_donors_first(tmp_path, wor
     state = json.loads(c.run.state_file.read_text())
     assert state["models"]["b"]["shared"] and "b idle" in state["allocation"]["reason"]
     inputs = state["allocation"]["inputs"]
-    assert inputs["b"]["rate_rps"] < ModelLoad("b", c._curve(b), 1, 0.0).idle_line()
+    assert inputs["b"]["rate_rps"] < ModelLoad("b", c.budget.curve(b), 1, 0.0).idle_line()
     assert inputs["a"]["rate_rps"] > 100
     order = [x[1] for x in ts.calls if x[0] == "register"][2:]
     assert order[0] == "b", order  # the donor registered first
@@ -166,7 +168,7 @@ def test_a_manual_plan_must_fit_the_models_cores_and_holds_them_until_auto(tmp_p
     c = make_controller(tmp_path, clock, ts, models=("a", "b"), core_split=CoreSplit.AUTO)
     c.place(TWO)
     for m in c.models.values():
-        assert c.switch_now(m, c.plan_for(m, 1)).ok
+        assert c.switch_now(m, plan_for(m, 1)).ok
 
     def ask(rid, body):
         write_json(c.run.requests / f"{rid}.json", body)
@@ -199,11 +201,11 @@ def test_even_and_overlap_splits_never_move(tmp_path, world):  # noqa: F811
         c.place(TWO)
         assert (c.models["a"].cores, c.models["b"].cores) == want
         for m in c.models.values():
-            assert c.switch_now(m, c.plan_for(m, 1)).ok
+            assert c.switch_now(m, plan_for(m, 1)).ok
         ts.load.update(a=8.0, b=0.0)
         ticks(c, clock, 20)
         assert (c.models["a"].cores, c.models["b"].cores) == want
-        assert not c.models["b"].shared and c.allocation is None
+        assert not c.models["b"].shared and c.budget.last is None
         assert all(s.slots[0][0] in want[0] for s in [c.models["a"].plan])
         ts.load.clear()
 
@@ -218,12 +220,12 @@ def test_a_model_that_shrinks_drops_its_wider_standby_plans(tmp_path, world, mem
     c.place(TWO)
     a, b = c.models["a"], c.models["b"]
     for m in (a, b):
-        assert c.switch_now(m, c.plan_for(m, 1)).ok
+        assert c.switch_now(m, plan_for(m, 1)).ok
     ts.load.update(a=8.0, b=0.0)
     ticks(c, clock, 30)
     assert a.cores == (0, 1) and b.shared
-    assert c.switch_now(a, replace(c.plan_for(a, 2), version=str(a.next_version))).ok
-    assert c.switch_now(a, replace(c.plan_for(a, 1), version=str(a.next_version))).ok
+    assert c.switch_now(a, replace(plan_for(a, 2), version=str(a.next_version))).ok
+    assert c.switch_now(a, replace(plan_for(a, 1), version=str(a.next_version))).ok
     assert any(e.plan.model == "a" and e.plan.instances == 2 for e in c.standby.set.entries)
     ts.load.update(b=8.0)
     ticks(c, clock, 40)
@@ -248,7 +250,9 @@ def test_a_model_placed_on_its_cores_is_planned_for_its_arrivals():
     assert batch_for_rate(opt, 150.0, (0, 1)) == 1  # 1x<t=2,b=1> serves 200/s
     # 190/s: no plan keeps up within 90% (every plan here serves 200/s): the first of most
     assert batch_for_rate(opt, 190.0, (0, 1)) == 1
-    from tests.test_controller import PROFILE as SUBLINEAR  # 2 threads help less than 2x
+    from tests.test_controller import (
+        PROFILE as SUBLINEAR,  # 2 threads help less than 2x
+    )
     sub = Optimizer(SUBLINEAR, 2)   # 1x<t=2,b=1>: 500/s; 2x<t=1,b=1>: 571/s
     assert batch_for_rate(sub, 400.0, (0, 1)) == 1
     assert batch_for_rate(sub, 480.0, (0, 1)) == 2

@@ -153,7 +153,7 @@ def decide(models: list[ModelView], now: float, policy: PolicyParams,
             continue
         stay_s = expected_stay_s(m.levels, now)
 
-        def verdict(live, plan, warm):
+        def verdict(live, plan, warm, m=m, stay_s=stay_s):
             if not _keeps_up(m, plan):
                 return Verdict(False, f"{plan.describe()} serves at most "
                                       f"{capacity_rps(m.optimizer, plan):.1f} requests/s, "

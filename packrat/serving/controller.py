@@ -39,16 +39,14 @@ from packrat.core.decide import (
     decide_request,
     prewarm,
 )
-from packrat.core.allocate import ModelDemand, ServedCurve, even_split
-from packrat.core.optimizer import Optimizer
 from packrat.core.plan import ServedPlan
-from packrat.core.policy import batch_for_rate, manual_plan, plan_for_batch, served_latency
-from packrat.core.reallocate import ModelLoad, Reallocation, reallocate
-from packrat.core.switchcost import Kind, expected_stay_s
+from packrat.core.policy import plan_for_batch
+from packrat.core.switchcost import Kind
 from packrat.errors import PackratError, PlanError, TorchServeError
 from packrat.jsonfile import read_json, write_json
+from packrat.serving.corebudget import CoreBudget, slo_met
 from packrat.serving.rundir import RunDir
-from packrat.serving.runtime import ControllerParams, CoreSplit, ModelRuntime, sample_model
+from packrat.serving.runtime import ControllerParams, ModelRuntime, sample_model
 from packrat.serving.standby import Standby
 from packrat.serving.switch import (
     Retire,
@@ -97,10 +95,7 @@ class Controller:
         self.attached = attached
         self.down_since: float | None = None  # wall time the attached TorchServe stopped answering
         self.next_sample = 0.0
-        self.all_cores: tuple[int, ...] = ()
-        self.allocation: dict | None = None   # the last reallocation, for status
-        self.realloc_hold_until = 0.0
-        self.curves: dict[str, ServedCurve] = {}  # L(B, n) per model, for the allocator
+        self.budget = CoreBudget(params)  # several models: their cores
         self.ctx = SwitchContext(
             run, client, pool or ThreadPoolExecutor(8, thread_name_prefix="packrat-switch"),
             clock, SwitchSettings(params.max_batch_delay_ms, params.drain_timeout_s))
@@ -142,7 +137,7 @@ class Controller:
                           m.name in self.switches or any(a.model == m.name for a in self.queued),
                           m.hold_until, m.next_version, m.stats, m.levels,
                           self.standby.shapes(m.name, m.cores), m.estimator.smoothed,
-                          m.estimator.rate, self._placement_note(m),
+                          m.estimator.rate, self.budget.note(m, self.models),
                           any(s.model == m.name for s in self.draining))
                 for m in self.models.values()]
 
@@ -192,139 +187,20 @@ class Controller:
         return (name in self.switches or any(a.model == name for a in self.queued)
                 or any(t.model == name for t in self.retiring + self.draining))
 
-    # -- several models, one core budget (packrat.core.reallocate) ---------------------------
+    # -- several models, one core budget (packrat.serving.corebudget) ------------------------
 
     def place(self, cores: tuple[int, ...]) -> None:
-        """Give every model its cores before anything serves (at start-up): the allocator's
-        split for B = each model's estimate (all busy: nothing is measured yet), an even
-        split, or all cores for every model (overlap, or a single model)."""
-        self.all_cores = cores
-        split = self.params.core_split
-        for m in self.models.values():
-            m.whole = m.whole or m.optimizer
-        if len(self.models) < 2 or split is CoreSplit.OVERLAP:
-            return
-        if split is CoreSplit.EVEN:
-            counts = even_split([ModelDemand(m.name, self._curve(m), 1)
-                                 for m in self.models.values()], len(cores))
-            start = 0
-            for m, n in zip(self.models.values(), counts):
-                if n == 0:
-                    raise PackratError(f"--core-split even: {len(self.models)} models on "
-                                       f"{len(cores)} cores leave {m.name} none; give "
-                                       "--core-split auto (idle models share a core) or more cores")
-                self.move(m, cores[start:start + n], False)
-                start += n
-            return
-        for m in self.models.values():
-            m.cores = ()  # nothing placed yet
-        r = self._weigh(self.clock())
-        for p in r.placements:
-            self.move(self.models[p.name], p.cores, p.shared)
-        self._allocated(r, self.wall())
-
-    def _weigh(self, now: float) -> Reallocation:
-        costs = [m.stats.cost(warm=False) for m in self.models.values()]
-        cost = max(costs, key=lambda c: c[0] * c[1])
-        stays = [expected_stay_s(m.levels, now) for m in self.models.values()]
-        loads = [ModelLoad(m.name, self._curve(m), m.estimator.estimate, m.estimator.rate,
-                           m.slo_ms, () if m.shared else m.cores, m.shared, not m.auto,
-                           m.estimator.slow_rate)
-                 for m in self.models.values()]
-        return reallocate(loads, self.all_cores, min_gain=self.params.policy.min_gain,
-                          stay_s=min(stays), cost=cost)
+        """Every model's cores, before anything serves (at start-up)."""
+        self.budget.place(self.models, cores, self.clock(), self.wall())
 
     def _reallocate(self, now: float) -> None:
-        """Weigh the allocation for the live loads; carry out a change worth its switches:
-        the donors switch first (their new versions fit inside their old cores), the
-        receivers once the donors' switches and the retiring of their old versions have
-        ended, so no two models' dedicated workers share a core at any moment."""
-        # (old versions draining do not hold it up: receivers wait for their donors' drains)
-        if (self.params.core_split is not CoreSplit.AUTO or len(self.models) < 2
-                or not self.all_cores or now < self.realloc_hold_until or self.switches
-                or self.queued):
+        """Carry out a reallocation worth its switches. Weighed only while no switch is under
+        way or waiting (old versions draining do not hold it up: the receivers' switches
+        wait for their donors' drains)."""
+        if not self.budget.live(self.models) or self.switches or self.queued:
             return
-        try:
-            r = self._weigh(now)
-        except PlanError as e:
-            self.allocation = {**(self.allocation or {}), "last_error": str(e)}
-            return
-        if not r.changed:
-            if self.allocation is not None:
-                self.allocation["last_weighed"] = r.reason
-            return
-        log.info("reallocating: %s", r.reason)
-        self._allocated(r, self.wall())
-        self.realloc_hold_until = now + self.params.realloc_hold_s
-        actions = []
-        for p in r.placements:
-            m = self.models[p.name]
-            if not m.auto or (tuple(p.cores) == m.cores and p.shared == m.shared):
-                continue
-            self.move(m, p.cores, p.shared)
-            try:
-                plan = self.plan_for(m, p.batch)
-            except PlanError as e:
-                m.last_error = str(e)
-                continue
-            after = r.donors if p.name in r.receivers else ()
-            actions.append(SwitchTo(plan, Reason.REALLOCATE, after=after, why=r.reason))
-        # donors first, so that receivers queue behind them
-        actions.sort(key=lambda a: bool(a.after))
-        for action in actions:
+        for action in self.budget.reallocate(self.models, now, self.wall()):
             self.start_switch(action)
-
-    def _curve(self, m: ModelRuntime) -> ServedCurve:
-        curve = self.curves.get(m.name)
-        if curve is None or curve.optimizer is not m.whole:
-            curve = self.curves[m.name] = ServedCurve(m.whole)
-        return curve
-
-    def move(self, m: ModelRuntime, cores: tuple[int, ...], shared: bool) -> None:
-        m.cores, m.shared = tuple(cores), shared
-        m.optimizer = Optimizer(m.whole.profile, len(m.cores))
-
-    def plan_for(self, m: ModelRuntime, batch: int) -> ServedPlan:
-        """The plan of a model placed on its cores: for B, or for the B its arrivals need
-        there if more (its estimate may still describe its time on the shared core)."""
-        version = str(m.next_version)
-        if m.shared:
-            return replace(manual_plan(m.optimizer, m.name, version, 1, 1, 1, m.cores),
-                           shared=True)
-        batch = max(batch, batch_for_rate(m.optimizer, m.estimator.rate, m.cores))
-        return plan_for_batch(m.optimizer, m.name, version, batch, m.cores)
-
-    def _allocated(self, r: Reallocation, wall: float) -> None:
-        self.allocation = {
-            "decided_unix": wall,
-            "reason": r.reason,
-            "inputs": {m.name: {"batch": m.estimator.estimate,
-                                "rate_rps": None if m.estimator.rate is None
-                                else round(m.estimator.rate, 2)}
-                       for m in self.models.values()},
-            "cores": list(self.all_cores),
-            "shared_core": r.shared_core,
-            "spare_cores": r.allocation.spare_cores,
-            "crowded_out": list(r.crowded_out),
-            "slo_feasible": r.allocation.slo_feasible,
-        }
-
-    def _placement_note(self, m: ModelRuntime) -> str:
-        if len(self.models) < 2 or self.params.core_split is CoreSplit.OVERLAP:
-            return ""
-        where = (f"shares core {m.cores[0]} while idle" if m.shared
-                 else f"holds cores {','.join(map(str, m.cores))}")
-        others = "; ".join(f"{o.name} " + ("shared" if o.shared else
-                                          f"cores {','.join(map(str, o.cores))}")
-                           for o in self.models.values() if o is not m)
-        return f"{m.name} {where} in the allocation; {others}"
-
-    def _slo_met(self, m: ModelRuntime) -> bool | None:
-        """The live plan's predicted batch latency at the estimated B within the SLO."""
-        if m.slo_ms is None or m.plan is None or m.shared:
-            return None
-        return served_latency(m.optimizer, m.plan.threads, m.plan.instances,
-                              m.plan.batch_size, m.estimator.estimate) <= m.slo_ms
 
     # -- warm standby ------------------------------------------------------------------------
 
@@ -588,13 +464,13 @@ class Controller:
                 "last_prewarm": m.last_prewarm,
                 "shared": m.shared,
                 "slo_ms": m.slo_ms,
-                "slo_met": self._slo_met(m),
+                "slo_met": slo_met(m),
             }
         write_json(self.run.state_file, {
             "controller_pid": os.getpid(), "models": models,
             "torchserve_restarts": self.server_restarts, "torchserve_event": self.server_event,
             "core_split": self.params.core_split.value if len(self.models) > 1 else None,
-            "allocation": self.allocation,
+            "allocation": self.budget.last,
         })
 
 

@@ -28,6 +28,7 @@ from packrat.serving.calibrate import (
     version_numbers,
 )
 from packrat.serving.controller import Controller, ControllerParams, ModelRuntime
+from packrat.serving.corebudget import move, plan_for
 from packrat.serving.prepare import prepare_model
 from packrat.serving.rundir import ControllerLock, RunDir
 from packrat.serving.switch import Retire, drive
@@ -268,8 +269,8 @@ def _adopt_or_start(controller: Controller, m: ModelRuntime, batch: int, say) ->
         if plan is not None:
             m.plan = plan
             held = state.get("cores")
-            if len(controller.models) > 1 and held and set(held) <= set(controller.all_cores):
-                controller.move(m, tuple(held), bool(state.get("shared")))  # as it was
+            if len(controller.models) > 1 and held and set(held) <= set(controller.budget.cores):
+                move(m, tuple(held), bool(state.get("shared")))  # as it was
             m.auto = state.get("auto", True)
             m.reconfigurations = state.get("reconfigurations", 0)
             m.last_reconfiguration_unix = state.get("last_reconfiguration_unix")
@@ -289,7 +290,7 @@ def _adopt_or_start(controller: Controller, m: ModelRuntime, batch: int, say) ->
         say(f"{m.name}: the attached TorchServe has version(s) {', '.join(theirs)} that "
             "Packrat did not make; they stay registered, and Packrat's version becomes the "
             "default")
-    plan = controller.plan_for(m, batch)
+    plan = plan_for(m, batch)
     result = controller.switch_now(m, plan, Reason.AUTO)
     if not result.ok:
         raise PackratError(result.message)

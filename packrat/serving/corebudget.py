@@ -1,0 +1,175 @@
+"""Several models on one server's cores (`--core-split`): where each model is placed at start,
+and, with the allocator (`auto`), the reallocations the controller carries out. The choices
+are packrat.core.reallocate's; this holds the server's side of them (its cores, the last
+allocation for status, the hold after a move) and turns a decision into switches."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+from packrat.core.allocate import ModelDemand, ServedCurve, even_split
+from packrat.core.decide import Reason, SwitchTo
+from packrat.core.optimizer import Optimizer
+from packrat.core.plan import ServedPlan
+from packrat.core.policy import (
+    batch_for_rate,
+    manual_plan,
+    plan_for_batch,
+    served_latency,
+)
+from packrat.core.reallocate import ModelLoad, Reallocation, reallocate
+from packrat.core.switchcost import expected_stay_s
+from packrat.errors import PackratError, PlanError
+from packrat.serving.runtime import ControllerParams, CoreSplit, ModelRuntime
+
+log = logging.getLogger(__name__)
+
+
+class CoreBudget:
+    def __init__(self, params: ControllerParams) -> None:
+        self.params = params
+        self.cores: tuple[int, ...] = ()      # every core of the server; () until placed
+        self.last: dict | None = None         # the last reallocation, for status
+        self.hold_until = 0.0                 # loads settle after a move before the next
+        self.curves: dict[str, ServedCurve] = {}  # L(B, n) per model, for the allocator
+
+    @property
+    def split(self) -> CoreSplit:
+        return self.params.core_split
+
+    def live(self, models: dict[str, ModelRuntime]) -> bool:
+        """Reallocations are weighed: the allocator, several models, placed."""
+        return self.split is CoreSplit.AUTO and len(models) > 1 and bool(self.cores)
+
+    def place(self, models: dict[str, ModelRuntime], cores: tuple[int, ...], now: float,
+              wall: float) -> None:
+        """Give every model its cores before anything serves (at start-up): the allocator's
+        split for B = each model's estimate (all busy: nothing is measured yet), an even
+        split, or all cores for every model (overlap, or a single model)."""
+        self.cores = cores
+        for m in models.values():
+            m.whole = m.whole or m.optimizer
+        if len(models) < 2 or self.split is CoreSplit.OVERLAP:
+            return
+        if self.split is CoreSplit.EVEN:
+            counts = even_split([ModelDemand(m.name, self.curve(m), 1)
+                                 for m in models.values()], len(cores))
+            start = 0
+            for m, n in zip(models.values(), counts):
+                if n == 0:
+                    raise PackratError(f"--core-split even: {len(models)} models on "
+                                       f"{len(cores)} cores leave {m.name} none; give "
+                                       "--core-split auto (idle models share a core) or more cores")
+                move(m, cores[start:start + n], False)
+                start += n
+            return
+        for m in models.values():
+            m.cores = ()  # nothing placed yet
+        r = self.weigh(models, now)
+        for p in r.placements:
+            move(models[p.name], p.cores, p.shared)
+        self._record(r, models, wall)
+
+    def weigh(self, models: dict[str, ModelRuntime], now: float) -> Reallocation:
+        costs = [m.stats.cost(warm=False) for m in models.values()]
+        cost = max(costs, key=lambda c: c[0] * c[1])
+        stay = min(expected_stay_s(m.levels, now) for m in models.values())
+        loads = [ModelLoad(m.name, self.curve(m), m.estimator.estimate, m.estimator.rate,
+                           m.slo_ms, () if m.shared else m.cores, m.shared, not m.auto,
+                           m.estimator.slow_rate)
+                 for m in models.values()]
+        return reallocate(loads, self.cores, min_gain=self.params.policy.min_gain,
+                          stay_s=stay, cost=cost)
+
+    def reallocate(self, models: dict[str, ModelRuntime], now: float,
+                   wall: float) -> list[SwitchTo]:
+        """The switches of a reallocation worth carrying out (none if not), donors first:
+        a receiver's switch names the donors it must wait for (their switches, drains and
+        deletions), so no two models' dedicated workers share a core at any moment."""
+        if now < self.hold_until:
+            return []
+        try:
+            r = self.weigh(models, now)
+        except PlanError as e:
+            self.last = {**(self.last or {}), "last_error": str(e)}
+            return []
+        if not r.changed:
+            if self.last is not None:
+                self.last["last_weighed"] = r.reason
+            return []
+        log.info("reallocating: %s", r.reason)
+        self._record(r, models, wall)
+        self.hold_until = now + self.params.realloc_hold_s
+        actions = []
+        for p in r.placements:
+            m = models[p.name]
+            if not m.auto or (tuple(p.cores) == m.cores and p.shared == m.shared):
+                continue
+            move(m, p.cores, p.shared)
+            try:
+                plan = plan_for(m, p.batch)
+            except PlanError as e:
+                m.last_error = str(e)
+                continue
+            after = r.donors if p.name in r.receivers else ()
+            actions.append(SwitchTo(plan, Reason.REALLOCATE, after=after, why=r.reason))
+        return sorted(actions, key=lambda a: bool(a.after))
+
+    def curve(self, m: ModelRuntime) -> ServedCurve:
+        curve = self.curves.get(m.name)
+        if curve is None or curve.optimizer is not m.whole:
+            curve = self.curves[m.name] = ServedCurve(m.whole)
+        return curve
+
+    def _record(self, r: Reallocation, models: dict[str, ModelRuntime], wall: float) -> None:
+        self.last = {
+            "decided_unix": wall,
+            "reason": r.reason,
+            "inputs": {m.name: {"batch": m.estimator.estimate,
+                                "rate_rps": None if m.estimator.rate is None
+                                else round(m.estimator.rate, 2)}
+                       for m in models.values()},
+            "cores": list(self.cores),
+            "shared_core": r.shared_core,
+            "spare_cores": r.allocation.spare_cores,
+            "crowded_out": list(r.crowded_out),
+            "slo_feasible": r.allocation.slo_feasible,
+        }
+
+    def note(self, m: ModelRuntime, models: dict[str, ModelRuntime]) -> str:
+        """Where m stands in the allocation, for a refused manual plan's message."""
+        if len(models) < 2 or self.split is CoreSplit.OVERLAP:
+            return ""
+        where = (f"shares core {m.cores[0]} while idle" if m.shared
+                 else f"holds cores {','.join(map(str, m.cores))}")
+        others = "; ".join(f"{o.name} " + ("shared" if o.shared else
+                                          f"cores {','.join(map(str, o.cores))}")
+                           for o in models.values() if o is not m)
+        return f"{m.name} {where} in the allocation; {others}"
+
+
+def move(m: ModelRuntime, cores: tuple[int, ...], shared: bool) -> None:
+    """m's cores (and so its optimizer: for those cores alone) are now these."""
+    m.cores, m.shared = tuple(cores), shared
+    m.optimizer = Optimizer(m.whole.profile, len(m.cores))
+
+
+def plan_for(m: ModelRuntime, batch: int) -> ServedPlan:
+    """The plan of a model placed on its cores: one 1-thread worker on the shared core, or
+    the plan for B, or for the B its arrivals need there if more (its estimate may still
+    describe its time on the shared core)."""
+    version = str(m.next_version)
+    if m.shared:
+        return replace(manual_plan(m.optimizer, m.name, version, 1, 1, 1, m.cores),
+                       shared=True)
+    batch = max(batch, batch_for_rate(m.optimizer, m.estimator.rate, m.cores))
+    return plan_for_batch(m.optimizer, m.name, version, batch, m.cores)
+
+
+def slo_met(m: ModelRuntime) -> bool | None:
+    """The live plan's predicted batch latency at the estimated B within the SLO."""
+    if m.slo_ms is None or m.plan is None or m.shared:
+        return None
+    return served_latency(m.optimizer, m.plan.threads, m.plan.instances,
+                          m.plan.batch_size, m.estimator.estimate) <= m.slo_ms
