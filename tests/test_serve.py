@@ -77,8 +77,9 @@ def test_controller_follows_load_from_1_to_8_clients(served):
     load.set_concurrency(8)
     eight = wait_for(lambda: (lambda m: m if len(m["plan"]["instances"]) == 2 else None)(
         status(run)["models"]["small-cnn"]), timeout=120, what="the controller to switch to 2 instances")
-    # B is what TorchServe holds at once: 8 with an idle machine; less when the clients, which
-    # run on the same 2 cores, are starved. Either way the plan for B >= 2 is two workers.
+    # B is what TorchServe holds at once: 7 or 8 with an idle machine; less when the clients,
+    # which run on the same 2 cores, are starved. The plan for B >= 2 is two workers, and the
+    # profile makes the switch pay at every such B but 3 and 5 (tests/serving.py).
     assert eight["estimated_batch"] >= 2
     assert_pinned(eight, 2, 1)
     assert eight["reconfigurations"] >= 1

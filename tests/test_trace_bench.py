@@ -222,6 +222,33 @@ def test_cli_errors_before_anything_starts(argv, message, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_cli_options_reach_the_trace_bench(tmp_path, monkeypatch):
+    """Every flag of `packrat bench --trace` reaches TraceOptions (--quiet-wait once did not:
+    on a busy machine each measurement then waited the default 120 s)."""
+    import packrat.bench.trace as trace_mod
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def fake_run(options, say):
+        seen["options"] = options
+        raise Stop
+
+    monkeypatch.setattr(trace_mod, "run_trace_bench", fake_run)
+    args = build_parser().parse_args([
+        "bench", "--zoo", "small-cnn", "--trace", "step", "--duration", "7", "--seed", "3",
+        "--slo-ms", "40", "--cores", "1", "--max-batch", "4", "--max-batch-delay", "3",
+        "--quiet-wait", "5", "--no-calibrate", "--out", str(tmp_path / "o")])
+    with pytest.raises(Stop):
+        args.func(args)
+    o = seen["options"]
+    assert (o.zoo, o.trace, o.duration_s, o.seed, o.slo_ms, o.cores) == (
+        "small-cnn", "step", 7, 3, 40, 1)
+    assert (o.max_batch, o.max_batch_delay_ms, o.quiet_wait_s, o.calibrate) == (4, 3, 5, False)
+
+
 def test_same_seed_same_arrivals():
     trace = rated(load_trace("bursty", 60, seed=4)[0], True, OPT)
     assert arrivals(trace, 4) == arrivals(trace, 4) != arrivals(trace, 5)

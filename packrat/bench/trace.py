@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from packrat.bench.configs import Config
+from packrat.bench.configs import QUIET_WAIT_S, Config
 from packrat.core.optimizer import Optimizer
 from packrat.core.policy import served_latency
 from packrat.core.stats import percentile
@@ -233,7 +233,7 @@ class TraceOptions:
     max_batch: int = MAX_BATCH
     max_batch_delay_ms: int = MAX_BATCH_DELAY_MS
     calibrate: bool = True          # False: serve --no-calibrate, rates from the raw profile
-    quiet_wait_s: float = 120.0     # before each measurement, for other processes to finish
+    quiet_wait_s: float = QUIET_WAIT_S  # before each measurement, for other processes to finish
 
 
 def run_trace_bench(options: TraceOptions, say: Callable[[str], None] = lambda s: None

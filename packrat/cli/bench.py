@@ -159,7 +159,7 @@ def cmd_trace(args, names: tuple[str, ...]) -> int:
         slo_ms=args.slo_ms, out=Path(args.out), cores=args.cores,
         max_batch=MAX_BATCH if args.max_batch is None else args.max_batch,
         max_batch_delay_ms=DELAY if args.max_batch_delay is None else args.max_batch_delay,
-        calibrate=not args.no_calibrate)
+        quiet_wait_s=args.quiet_wait, calibrate=not args.no_calibrate)
     load_trace(options.trace, options.duration_s, options.seed)  # a bad trace fails now
     if args.plot:
         from packrat.bench.plots import _pyplot
