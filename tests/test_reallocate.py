@@ -259,3 +259,38 @@ def test_a_model_placed_on_its_cores_is_planned_for_its_arrivals():
     one = Optimizer(PROFILE, 1)
     b = batch_for_rate(one, 95.0, (0,))  # one core serves 100/s at any batch: the most it can
     assert capacity_rps(one, plan_for_batch(one, "", "", b, (0,))) == 100.0
+
+
+def test_if_woken_tells_where_a_donor_would_go():
+    from packrat.core.reallocate import if_woken
+
+    now = [load("a", batch=8, cores=CORES), load("b", batch=1, rate=0.0, shared=True)]
+    r = if_woken(now, CORES)
+    a, b = r.placements
+    assert set(a.cores) < set(CORES) and a.cores == CORES[:len(a.cores)] and not b.shared
+    assert if_woken([load("a", batch=8, cores=CORES)], CORES) is None  # no one idle
+
+
+def test_a_donor_shrinks_warm_onto_a_plan_loaded_ahead_of_need(tmp_path, world, memory):  # noqa: F811
+    # a busy on both cores, b idle: once a settles, its plan for one core (where it would go
+    # if b woke up) is loaded into standby; when b wakes, a's shrink is a set-default, and b
+    # gets its core without waiting for a cold load of a
+    clock, ts = world
+    c = make_controller(tmp_path, clock, ts, models=("a", "b"), core_split=CoreSplit.AUTO,
+                        standby_memory_mb=1000)
+    c.place(TWO)
+    a, b = c.models["a"], c.models["b"]
+    for m in (a, b):
+        assert c.switch_now(m, plan_for(m, 1)).ok
+    ts.load.update(a=2.0, b=0.0)  # (a's plan holds its load: not overloaded)
+    ticks(c, clock, 30)
+    assert a.cores == (0, 1) and b.shared
+    ticks(c, clock, 30)  # settled: the shrink plan is prewarmed
+    warm = [e.plan for e in c.standby.set.entries if e.plan.model == "a"]
+    assert any(p.slots == ((0,),) for p in warm), [p.describe() for p in warm]
+    registered = len(ts.registered("a"))
+    ts.load.update(b=8.0)
+    ticks(c, clock, 40)
+    assert (a.cores, b.cores) == ((0,), (1,)) and not b.shared
+    assert len(ts.registered("a")) <= registered  # nothing of a loaded for the shrink
+    assert a.plan.slots == ((0,),) and a.last_error is None and b.last_error is None

@@ -49,6 +49,7 @@ class ModelView:
     rate: float | None = None    # the estimator's arrivals per second (EWMA)
     placement: str = ""          # the model's cores in the server's allocation, for messages
     draining: bool = False       # an old version still drains on its cores: no cold switch
+    shrink: ServedPlan | None = None  # its plan on fewer cores if an idle model woke up
 
 
 class Reason(Enum):
@@ -304,17 +305,29 @@ PREWARM_UTILIZATION = 0.5   # at most this share of the live plan's batch capaci
 
 
 def prewarm(m: ModelView, now: float) -> SwitchTo | None:
-    """A plan to load into standby for m, or None: first the plans of most capacity (what an
-    overload needs, when loading it cold would cost most), then the plans for 2B and B/2
-    (the next levels the estimator reports); neither live nor already warm, while m is under
-    automatic control, settled and using at most half its live plan's capacity. The caller
-    checks that it fits the standby budget without evicting anything."""
+    """A plan to load into standby for m, or None: first its plan on fewer cores if an idle
+    model woke up (m.shrink: a cold shrink would also keep that model waiting), then the
+    plans of most capacity (what an overload needs, when loading it cold would cost most),
+    then the plans for 2B and B/2 (the next levels the estimator reports); neither live nor
+    already warm, while m is under automatic control, settled and using at most half its
+    live plan's capacity (the shrink plan: keeping up with the arrivals). The caller checks that it fits
+    the standby budget without evicting anything."""
     settled = m.levels.since is not None and now - m.levels.since >= PREWARM_SETTLED_S
-    load = m.load if m.load is not None else m.estimate
-    if (not m.auto or m.switching or now < m.hold_until or m.plan is None or not settled
-            or load > PREWARM_UTILIZATION * m.plan.instances * m.plan.batch_size):
+    if not m.auto or m.switching or now < m.hold_until or m.plan is None or not settled:
         return None
     live = shape_of(m.plan)
+    load = m.load if m.load is not None else m.estimate
+    held = m.plan.instances * m.plan.batch_size
+    keeps_up = (load <= held if m.rate is None
+                else m.rate <= OVERLOAD_UTILIZATION * capacity_rps(m.optimizer, m.plan))
+    if (m.shrink is not None and keeps_up and shape_of(m.shrink) != live
+            and shape_of(m.shrink) not in m.warm_shapes):
+        return SwitchTo(m.shrink, Reason.PREWARM,
+                        why=f"ahead of need: its plan on cores "
+                            f"{','.join(map(str, sorted({c for s in m.shrink.slots for c in s})))}"
+                            " if an idle model wakes up")
+    if load > PREWARM_UTILIZATION * held:
+        return None
     version = str(m.next_version)
     candidates = [(p, "a plan of the most capacity, for an overload")
                   for p in (most_capacity(m.optimizer, m.name, version, m.cores),

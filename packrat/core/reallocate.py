@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from packrat.core.allocate import (
     Allocation,
@@ -142,6 +142,23 @@ def reallocate(loads: Sequence[ModelLoad], cores: tuple[int, ...], *, min_gain: 
                    f"than the {len(free)} cores")
     return Reallocation(allocation, tuple(placements), donors, receivers,
                         tuple(m.name for m in crowded), shared_core, changed, reason)
+
+
+def if_woken(loads: Sequence[ModelLoad], cores: tuple[int, ...], **kw) -> Reallocation | None:
+    """The reallocation if every model on the shared core turned busy now (at the rate that
+    wakes it, B at least 1); None when none is idle. It tells where each busy model would be,
+    so that a donor's next plan can be loaded into standby ahead of need: a cold shrink keeps
+    the woken model waiting on the shared core while the donor loads and drains."""
+    if not any(m.shared and not m.manual for m in loads):
+        return None
+    woken = []
+    for m in loads:
+        if m.shared and not m.manual:
+            wake = m.idle_line() * BUSY_AGAIN
+            m = replace(m, batch=max(1, m.batch), rate=max(m.rate or 0.0, wake),
+                        slow_rate=max(m.slow_rate or 0.0, wake))
+        woken.append(m)
+    return reallocate(woken, cores, **kw)
 
 
 def _batch(m: ModelLoad) -> int:

@@ -130,15 +130,17 @@ class Controller:
         if changed:  # an idle tick (every 0.2 s) writes nothing
             self.save_state()
 
-    def views(self) -> list[ModelView]:
+    def views(self, shrink: dict[str, ServedPlan] | None = None) -> list[ModelView]:
         # (a shared model's plan is the allocator's: one 1-thread worker, no automatic switch)
+        shrink = shrink or {}
         return [ModelView(m.name, m.optimizer, m.cores, m.plan, m.auto and not m.shared,
                           m.estimator.estimate,
                           m.name in self.switches or any(a.model == m.name for a in self.queued),
                           m.hold_until, m.next_version, m.stats, m.levels,
                           self.standby.shapes(m.name, m.cores), m.estimator.smoothed,
                           m.estimator.rate, self.budget.note(m, self.models),
-                          any(s.model == m.name for s in self.draining))
+                          any(s.model == m.name for s in self.draining),
+                          shrink.get(m.name))
                 for m in self.models.values()]
 
     def carry_out(self, actions: list[Action]) -> None:
@@ -199,14 +201,15 @@ class Controller:
         wait for their donors' drains)."""
         if not self.budget.live(self.models) or self.switches or self.queued:
             return
-        for action in self.budget.reallocate(self.models, now, self.wall()):
+        for action in self.budget.reallocate(self.models, now, self.wall(),
+                                             self.standby.shapes):
             self.start_switch(action)
 
     # -- warm standby ------------------------------------------------------------------------
 
     def _prewarm(self, now: float) -> None:
         """Load a likely next plan of a settled model into standby, where it fits."""
-        for view in self.views():
+        for view in self.views(self.budget.shrink_plans(self.models, now)):
             action = prewarm(view, now)
             if action is not None and self.standby.fits(view.plan, action.plan):
                 log.info("%s: %s", view.name, action.why)

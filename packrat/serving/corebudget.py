@@ -6,20 +6,23 @@ allocation for status, the hold after a move) and turns a decision into switches
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 
 from packrat.core.allocate import ModelDemand, ServedCurve, even_split
-from packrat.core.decide import Reason, SwitchTo
+from packrat.core.decide import OVERLOAD_UTILIZATION, Reason, SwitchTo
 from packrat.core.optimizer import Optimizer
-from packrat.core.plan import ServedPlan
+from packrat.core.plan import ServedPlan, Shape, shape_of
 from packrat.core.policy import (
     batch_for_rate,
+    capacity_rps,
     manual_plan,
     plan_for_batch,
+    plan_of_shape,
     served_latency,
 )
-from packrat.core.reallocate import ModelLoad, Reallocation, reallocate
-from packrat.core.switchcost import expected_stay_s
+from packrat.core.reallocate import ModelLoad, Reallocation, if_woken, reallocate
+from packrat.core.switchcost import expected_stay_s, judge_switch
 from packrat.errors import PackratError, PlanError
 from packrat.serving.runtime import ControllerParams, CoreSplit, ModelRuntime
 
@@ -71,7 +74,8 @@ class CoreBudget:
             move(models[p.name], p.cores, p.shared)
         self._record(r, models, wall)
 
-    def weigh(self, models: dict[str, ModelRuntime], now: float) -> Reallocation:
+    def weigh(self, models: dict[str, ModelRuntime], now: float,
+              how=reallocate) -> Reallocation | None:
         costs = [m.stats.cost(warm=False) for m in models.values()]
         cost = max(costs, key=lambda c: c[0] * c[1])
         stay = min(expected_stay_s(m.levels, now) for m in models.values())
@@ -79,14 +83,40 @@ class CoreBudget:
                            m.slo_ms, () if m.shared else m.cores, m.shared, not m.auto,
                            m.estimator.slow_rate)
                  for m in models.values()]
-        return reallocate(loads, self.cores, min_gain=self.params.policy.min_gain,
-                          stay_s=stay, cost=cost)
+        return how(loads, self.cores, min_gain=self.params.policy.min_gain,
+                   stay_s=stay, cost=cost)
 
-    def reallocate(self, models: dict[str, ModelRuntime], now: float,
-                   wall: float) -> list[SwitchTo]:
+    def shrink_plans(self, models: dict[str, ModelRuntime], now: float
+                     ) -> dict[str, ServedPlan]:
+        """Per model that would give cores up if the idle models woke now, the plan it
+        would serve on the cores it kept (packrat.core.reallocate.if_woken), to load into
+        standby ahead of need: its shrink is then a set-default, and the woken model gets
+        its cores without waiting for a cold load on busy cores."""
+        if not self.live(models):
+            return {}
+        try:
+            r = self.weigh(models, now, if_woken)
+        except PlanError:
+            return {}
+        out = {}
+        for p in r.placements if r is not None else ():
+            m = models[p.name]
+            if m.shared or not m.auto or p.shared or not set(p.cores) < set(m.cores):
+                continue
+            try:
+                out[m.name] = plan_on(m, p.cores, p.batch)
+            except PlanError:
+                continue
+        return out
+
+    def reallocate(self, models: dict[str, ModelRuntime], now: float, wall: float,
+                   warm_shapes: Callable[[str, tuple[int, ...]], frozenset[Shape]] =
+                   lambda name, cores: frozenset()) -> list[SwitchTo]:
         """The switches of a reallocation worth carrying out (none if not), donors first:
         a receiver's switch names the donors it must wait for (their switches, drains and
-        deletions), so no two models' dedicated workers share a core at any moment."""
+        deletions), so no two models' dedicated workers share a core at any moment. A plan
+        in standby on a model's new cores (warm_shapes) is taken where it serves as well
+        (see warm_instead)."""
         if now < self.hold_until:
             return []
         try:
@@ -112,8 +142,11 @@ class CoreBudget:
             except PlanError as e:
                 m.last_error = str(e)
                 continue
+            warm = warm_instead(m, plan, warm_shapes(m.name, m.cores), now,
+                                self.params.max_batch_delay_ms, self.params.policy.min_gain)
             after = r.donors if p.name in r.receivers else ()
-            actions.append(SwitchTo(plan, Reason.REALLOCATE, after=after, why=r.reason))
+            actions.append(SwitchTo(warm or plan, Reason.REALLOCATE, after=after,
+                                    warm=warm is not None, why=r.reason))
         return sorted(actions, key=lambda a: bool(a.after))
 
     def curve(self, m: ModelRuntime) -> ServedCurve:
@@ -163,8 +196,37 @@ def plan_for(m: ModelRuntime, batch: int) -> ServedPlan:
     if m.shared:
         return replace(manual_plan(m.optimizer, m.name, version, 1, 1, 1, m.cores),
                        shared=True)
-    batch = max(batch, batch_for_rate(m.optimizer, m.estimator.rate, m.cores))
-    return plan_for_batch(m.optimizer, m.name, version, batch, m.cores)
+    return plan_on(m, m.cores, batch)
+
+
+def plan_on(m: ModelRuntime, cores: tuple[int, ...], batch: int) -> ServedPlan:
+    """plan_for on these dedicated cores, which m may not hold yet."""
+    opt = m.optimizer if tuple(cores) == m.cores else Optimizer(m.whole.profile, len(cores))
+    batch = max(batch, batch_for_rate(opt, m.estimator.rate, cores))
+    return plan_for_batch(opt, m.name, str(m.next_version), batch, cores)
+
+
+def warm_instead(m: ModelRuntime, target: ServedPlan, shapes: frozenset[Shape], now: float,
+                 delay_ms: float, min_gain: float) -> ServedPlan | None:
+    """A plan in standby on m's cores to serve instead of a cold switch to target: the one
+    of least latency at target's B among those that keep up with the arrivals, unless the
+    cold target is worth its cost over it (the switch-cost rule). A donor's cold shrink
+    also holds up the model waiting for its cores, so a standby plan is worth most there."""
+    if shape_of(target) in shapes or not shapes:
+        return None
+    batch, rate = target.for_batch, m.estimator.rate
+    plans = [plan_of_shape(m.optimizer, m.name, target.version, s, batch, m.cores, delay_ms)
+             for s in sorted(shapes)]
+    plans = [p for p in plans if rate is None
+             or OVERLOAD_UTILIZATION * capacity_rps(m.optimizer, p) >= rate]
+    if not plans:
+        return None
+    alt = min(plans, key=lambda p: p.predicted_ms)
+    cold_ms = served_latency(m.optimizer, target.threads, target.instances, target.batch_size,
+                             batch, delay_ms)
+    cold = judge_switch(alt.predicted_ms, cold_ms, expected_stay_s(m.levels, now),
+                        m.stats.cost(warm=False), min_gain)
+    return None if cold.worth else alt
 
 
 def slo_met(m: ModelRuntime) -> bool | None:
