@@ -294,3 +294,32 @@ def test_a_donor_shrinks_warm_onto_a_plan_loaded_ahead_of_need(tmp_path, world, 
     assert (a.cores, b.cores) == ((0,), (1,)) and not b.shared
     assert len(ts.registered("a")) <= registered  # nothing of a loaded for the shrink
     assert a.plan.slots == ((0,),) and a.last_error is None and b.last_error is None
+
+
+def test_a_reallocation_takes_a_standby_plan_that_serves_as_well(tmp_path, world):  # noqa: F811
+    from packrat.core.plan import shape_of
+    from packrat.serving.corebudget import warm_instead
+
+    clock, ts = world
+    c = make_controller(tmp_path, clock, ts, models=("a",))
+    a = c.models["a"]
+    target = plan_for(a, 8)  # 2x<t=1,b=4> on both cores
+    standby = plan_for(a, 2)
+    assert shape_of(standby) != shape_of(target)
+    # no measured rate: the standby plan is taken unless the cold one repays its switch
+    got = warm_instead(a, target, frozenset({shape_of(standby)}), clock(), 10, 0.05)
+    assert got is not None and shape_of(got) == shape_of(standby)
+    assert got.version == target.version and got.for_batch == target.for_batch
+    assert warm_instead(a, target, frozenset({shape_of(target)}), clock(), 10, 0.05) is None
+    assert warm_instead(a, target, frozenset(), clock(), 10, 0.05) is None
+
+
+def test_overloaded_models_are_weighed_at_what_their_share_of_the_cores_serves():
+    # queues far beyond what any core count serves in one round (B 1000, the profile takes
+    # 8 per instance): still an allocation, each model on its share, not an error that
+    # kept the woken model on the shared core
+    now = [load("a", batch=1000, cores=CORES), load("b", batch=1000, rate=50.0, shared=True)]
+    r = reallocate(now, CORES)
+    a, b = r.placements
+    assert r.changed and not b.shared and len(a.cores) + len(b.cores) == len(CORES)
+    assert set(a.cores).isdisjoint(b.cores) and r.donors == ("a",)

@@ -305,15 +305,17 @@ PREWARM_UTILIZATION = 0.5   # at most this share of the live plan's batch capaci
 
 
 def prewarm(m: ModelView, now: float) -> SwitchTo | None:
-    """A plan to load into standby for m, or None: first its plan on fewer cores if an idle
-    model woke up (m.shrink: a cold shrink would also keep that model waiting), then the
-    plans of most capacity (what an overload needs, when loading it cold would cost most),
-    then the plans for 2B and B/2 (the next levels the estimator reports); neither live nor
-    already warm, while m is under automatic control, settled and using at most half its
-    live plan's capacity (the shrink plan: keeping up with the arrivals). The caller checks that it fits
-    the standby budget without evicting anything."""
+    """A plan to load into standby for m, or None: its plan on fewer cores if an idle model
+    woke up (m.shrink: a cold shrink would also keep that model waiting; the only plan
+    loaded for such a model, while it keeps up with the arrivals); else the plans of most
+    capacity (what an overload needs, when loading it cold would cost most), then the plans
+    for 2B and B/2 (the next levels the estimator reports), while it uses at most half its
+    live plan's capacity. Never one live or already warm; only under automatic control,
+    settled and with no old version draining. The caller checks that it fits the standby
+    budget without evicting anything."""
     settled = m.levels.since is not None and now - m.levels.since >= PREWARM_SETTLED_S
-    if not m.auto or m.switching or now < m.hold_until or m.plan is None or not settled:
+    if (not m.auto or m.switching or m.draining or now < m.hold_until or m.plan is None
+            or not settled):
         return None
     live = shape_of(m.plan)
     load = m.load if m.load is not None else m.estimate
@@ -326,7 +328,9 @@ def prewarm(m: ModelView, now: float) -> SwitchTo | None:
                         why=f"ahead of need: its plan on cores "
                             f"{','.join(map(str, sorted({c for s in m.shrink.slots for c in s})))}"
                             " if an idle model wakes up")
-    if load > PREWARM_UTILIZATION * held:
+    if m.shrink is not None or load > PREWARM_UTILIZATION * held:
+        # (a model that would give cores up loads nothing else on them: a long load would
+        # hold up the woken model's cores)
         return None
     version = str(m.next_version)
     candidates = [(p, "a plan of the most capacity, for an overload")

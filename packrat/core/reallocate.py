@@ -116,7 +116,16 @@ def reallocate(loads: Sequence[ModelLoad], cores: tuple[int, ...], *, min_gain: 
         busy = [m for m in auto if m in busy]  # the models' order, for stable tie-breaks
     names = {m.name for m in busy}
     demands = [_demand(m, m.name in names) for m in auto]
-    allocation = allocate(demands, len(free)) if free else None
+    try:
+        allocation = allocate(demands, len(free)) if free else None
+    except PlanError:
+        # Overloaded: B (the queue) beyond what the cores can serve in one round at all. Such
+        # a model is served by its plan of most capacity wherever it goes, so weigh each at
+        # the most its fair share of the cores serves (the estimate once kept a woken model
+        # on the shared core for a whole phase: "need 4 cores ... but there are 2").
+        share = max(1, len(free) // max(1, len(busy)))
+        demands = [_demand(m, m.name in names, share) for m in auto]
+        allocation = allocate(demands, len(free))
     if allocation is None:
         raise PlanError(f"every core ({_span(cores)}) is held by a manual plan; give one model "
                         "back with `packrat reconfigure --auto`")
@@ -165,8 +174,10 @@ def _batch(m: ModelLoad) -> int:
     return max(1, min(m.batch, m.curve.largest_batch()))
 
 
-def _demand(m: ModelLoad, busy: bool) -> ModelDemand:
-    return ModelDemand(m.name, m.curve, _batch(m) if busy else 0, m.slo_ms)
+def _demand(m: ModelLoad, busy: bool, cores: int | None = None) -> ModelDemand:
+    """m's demand, its B at most what `cores` cores serve (default: all)."""
+    batch = max(1, min(_batch(m), m.curve.largest_batch(cores)))
+    return ModelDemand(m.name, m.curve, batch if busy else 0, m.slo_ms)
 
 
 def _assign(models: list[ModelLoad], counts: dict[str, int],

@@ -196,10 +196,12 @@ class Controller:
         self.budget.place(self.models, cores, self.clock(), self.wall())
 
     def _reallocate(self, now: float) -> None:
-        """Carry out a reallocation worth its switches. Weighed only while no switch is under
-        way or waiting (old versions draining do not hold it up: the receivers' switches
-        wait for their donors' drains)."""
-        if not self.budget.live(self.models) or self.switches or self.queued:
+        """Carry out a reallocation worth its switches. Weighed only while no switch but a
+        prewarm is under way or waiting (old versions draining do not hold it up: the
+        receivers' switches wait for their donors' switches, drains and deletions)."""
+        # (a prewarm does not hold it up: a model it loads for queues its switch behind it)
+        if (not self.budget.live(self.models) or self.queued
+                or any(not s.prewarm for s in self.switches.values())):
             return
         for action in self.budget.reallocate(self.models, now, self.wall(),
                                              self.standby.shapes):

@@ -142,11 +142,12 @@ class CoreBudget:
             except PlanError as e:
                 m.last_error = str(e)
                 continue
-            warm = warm_instead(m, plan, warm_shapes(m.name, m.cores), now,
-                                self.params.max_batch_delay_ms, self.params.policy.min_gain)
+            shapes = warm_shapes(m.name, m.cores)
+            plan = warm_instead(m, plan, shapes, now, self.params.max_batch_delay_ms,
+                                self.params.policy.min_gain) or plan
             after = r.donors if p.name in r.receivers else ()
-            actions.append(SwitchTo(warm or plan, Reason.REALLOCATE, after=after,
-                                    warm=warm is not None, why=r.reason))
+            actions.append(SwitchTo(plan, Reason.REALLOCATE, after=after,
+                                    warm=shape_of(plan) in shapes, why=r.reason))
         return sorted(actions, key=lambda a: bool(a.after))
 
     def curve(self, m: ModelRuntime) -> ServedCurve:
