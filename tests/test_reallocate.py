@@ -323,3 +323,23 @@ def test_overloaded_models_are_weighed_at_what_their_share_of_the_cores_serves()
     a, b = r.placements
     assert r.changed and not b.shared and len(a.cores) + len(b.cores) == len(CORES)
     assert set(a.cores).isdisjoint(b.cores) and r.donors == ("a",)
+
+
+def test_a_donor_loads_one_shrink_plan_however_b_wavers(tmp_path, world, memory):  # noqa: F811
+    clock, ts = world
+    c = make_controller(tmp_path, clock, ts, models=("a", "b"), core_split=CoreSplit.AUTO,
+                        standby_memory_mb=1000)
+    c.place(TWO)
+    a, b = c.models["a"], c.models["b"]
+    for m in (a, b):
+        assert c.switch_now(m, plan_for(m, 1)).ok
+    ts.load.update(a=2.0, b=0.0)
+    ticks(c, clock, 40)
+    assert a.cores == (0, 1) and b.shared
+    for level in (1.0, 2.0, 1.0, 2.0):  # B wavers: the shrink plan for each B differs
+        ts.load.update(a=level)
+        ticks(c, clock, 15)
+    shrinks = [e for e in c.standby.set.entries if e.plan.model == "a" and e.plan.slots == ((0,),)]
+    assert len(shrinks) == 1, [e.plan.describe() for e in c.standby.set.entries]
+    # and nothing else is loaded on the cores an idle model may claim
+    assert all(e.plan.slots == ((0,),) for e in c.standby.set.entries if e.plan.model == "a")

@@ -310,25 +310,26 @@ def prewarm(m: ModelView, now: float) -> SwitchTo | None:
     loaded for such a model, while it keeps up with the arrivals); else the plans of most
     capacity (what an overload needs, when loading it cold would cost most), then the plans
     for 2B and B/2 (the next levels the estimator reports), while it uses at most half its
-    live plan's capacity. Never one live or already warm; only under automatic control,
-    settled and with no old version draining. The caller checks that it fits the standby
-    budget without evicting anything."""
-    settled = m.levels.since is not None and now - m.levels.since >= PREWARM_SETTLED_S
-    if (not m.auto or m.switching or m.draining or now < m.hold_until or m.plan is None
-            or not settled):
+    live plan's capacity and its B has settled. Never one live or already warm; only under
+    automatic control and with no old version draining. The caller checks that it fits the
+    standby budget without evicting anything."""
+    if not m.auto or m.switching or m.draining or now < m.hold_until or m.plan is None:
         return None
     live = shape_of(m.plan)
     load = m.load if m.load is not None else m.estimate
     held = m.plan.instances * m.plan.batch_size
     keeps_up = (load <= held if m.rate is None
                 else m.rate <= OVERLOAD_UTILIZATION * capacity_rps(m.optimizer, m.plan))
+    # (the shrink plan does not wait for B to settle: B wavering between 1 and 2 kept
+    # ResNet-50 from loading it for a whole phase; it is loaded once, see CoreBudget)
     if (m.shrink is not None and keeps_up and shape_of(m.shrink) != live
             and shape_of(m.shrink) not in m.warm_shapes):
         return SwitchTo(m.shrink, Reason.PREWARM,
                         why=f"ahead of need: its plan on cores "
                             f"{','.join(map(str, sorted({c for s in m.shrink.slots for c in s})))}"
                             " if an idle model wakes up")
-    if m.shrink is not None or load > PREWARM_UTILIZATION * held:
+    settled = m.levels.since is not None and now - m.levels.since >= PREWARM_SETTLED_S
+    if m.shrink is not None or not settled or load > PREWARM_UTILIZATION * held:
         # (a model that would give cores up loads nothing else on them: a long load would
         # hold up the woken model's cores)
         return None

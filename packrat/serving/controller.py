@@ -199,7 +199,6 @@ class Controller:
         """Carry out a reallocation worth its switches. Weighed only while no switch but a
         prewarm is under way or waiting (old versions draining do not hold it up: the
         receivers' switches wait for their donors' switches, drains and deletions)."""
-        # (a prewarm does not hold it up: a model it loads for queues its switch behind it)
         if (not self.budget.live(self.models) or self.queued
                 or any(not s.prewarm for s in self.switches.values())):
             return
@@ -211,7 +210,8 @@ class Controller:
 
     def _prewarm(self, now: float) -> None:
         """Load a likely next plan of a settled model into standby, where it fits."""
-        for view in self.views(self.budget.shrink_plans(self.models, now)):
+        shrink = self.budget.shrink_plans(self.models, now, self.standby.shapes)
+        for view in self.views(shrink):
             action = prewarm(view, now)
             if action is not None and self.standby.fits(view.plan, action.plan):
                 log.info("%s: %s", view.name, action.why)

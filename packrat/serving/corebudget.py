@@ -86,12 +86,15 @@ class CoreBudget:
         return how(loads, self.cores, min_gain=self.params.policy.min_gain,
                    stay_s=stay, cost=cost)
 
-    def shrink_plans(self, models: dict[str, ModelRuntime], now: float
+    def shrink_plans(self, models: dict[str, ModelRuntime], now: float,
+                     warm_shapes: Callable[[str, tuple[int, ...]], frozenset[Shape]]
                      ) -> dict[str, ServedPlan]:
-        """Per model that would give cores up if the idle models woke now, the plan it
-        would serve on the cores it kept (packrat.core.reallocate.if_woken), to load into
-        standby ahead of need: its shrink is then a set-default, and the woken model gets
-        its cores without waiting for a cold load on busy cores."""
+        """Per model that would give cores up if the idle models woke now, the plan it would
+        serve on the cores it kept (packrat.core.reallocate.if_woken), to load into standby
+        ahead of need: its shrink is then a set-default (warm_instead), and the woken model
+        gets its cores without waiting for a cold load on busy cores. Where a plan is in
+        standby on those cores already, that one: B wavers, and each new B must not load
+        another."""
         if not self.live(models):
             return {}
         try:
@@ -104,9 +107,14 @@ class CoreBudget:
             if m.shared or not m.auto or p.shared or not set(p.cores) < set(m.cores):
                 continue
             try:
-                out[m.name] = plan_on(m, p.cores, p.batch)
+                plan = plan_on(m, p.cores, p.batch)
             except PlanError:
                 continue
+            warm = warm_shapes(m.name, p.cores)
+            if warm and shape_of(plan) not in warm:
+                plan = plan_of_shape(Optimizer(m.whole.profile, len(p.cores)), m.name,
+                                     plan.version, min(warm), plan.for_batch, p.cores)
+            out[m.name] = plan
         return out
 
     def reallocate(self, models: dict[str, ModelRuntime], now: float, wall: float,
