@@ -272,9 +272,9 @@ def test_if_woken_tells_where_a_donor_would_go():
 
 
 def test_a_donor_shrinks_warm_onto_a_plan_loaded_ahead_of_need(tmp_path, world, memory):  # noqa: F811
-    # a busy on both cores, b idle: once a settles, its plan for one core (where it would go
-    # if b woke up) is loaded into standby; when b wakes, a's shrink is a set-default, and b
-    # gets its core without waiting for a cold load of a
+    # a busy on both cores, b idle: once a's switches have ended, its plan for one core
+    # (where it would go if b woke up) is loaded into standby; when b wakes, a's shrink is a
+    # set-default, and b gets its core without waiting for a cold load of a
     clock, ts = world
     c = make_controller(tmp_path, clock, ts, models=("a", "b"), core_split=CoreSplit.AUTO,
                         standby_memory_mb=1000)
@@ -285,7 +285,7 @@ def test_a_donor_shrinks_warm_onto_a_plan_loaded_ahead_of_need(tmp_path, world, 
     ts.load.update(a=2.0, b=0.0)  # (a's plan holds its load: not overloaded)
     ticks(c, clock, 30)
     assert a.cores == (0, 1) and b.shared
-    ticks(c, clock, 30)  # settled: the shrink plan is prewarmed
+    ticks(c, clock, 30)  # the shrink plan is prewarmed
     warm = [e.plan for e in c.standby.set.entries if e.plan.model == "a"]
     assert any(p.slots == ((0,),) for p in warm), [p.describe() for p in warm]
     registered = len(ts.registered("a"))
