@@ -21,13 +21,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from packrat.core.allocate import (  # noqa: E402
     Allocation,
     ModelDemand,
-    ServedCurve,
     allocate,
     cores_for_slo,
     evaluate_split,
     even_split,
     proportional_split,
 )
+from packrat.core.curve import ServedCurve  # noqa: E402
 from packrat.core.profile import read_profile  # noqa: E402
 
 MODELS = ("resnet", "inception", "gpt2", "bert")

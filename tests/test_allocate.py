@@ -9,7 +9,6 @@ import pytest
 
 from packrat.core.allocate import (
     ModelDemand,
-    ServedCurve,
     allocate,
     cores_for_slo,
     evaluate_split,
@@ -17,6 +16,7 @@ from packrat.core.allocate import (
     proportional_split,
     within,
 )
+from packrat.core.curve import ServedCurve
 from packrat.core.optimizer import Optimizer
 from packrat.core.profile import Profile, ProfilePoint, read_profile
 from packrat.errors import PlanError

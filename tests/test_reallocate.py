@@ -4,7 +4,7 @@ core, donors before receivers, cores kept where they can be, hysteresis."""
 import json
 from dataclasses import replace
 
-from packrat.core.allocate import ServedCurve
+from packrat.core.curve import ServedCurve
 from packrat.core.profile import Profile, ProfilePoint
 from packrat.core.reallocate import BUSY_AGAIN, IDLE_SHARE, ModelLoad, reallocate
 

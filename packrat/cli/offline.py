@@ -118,7 +118,8 @@ def _cores(args) -> int:
 
 
 def _plan_profile(args) -> int:
-    from packrat.core.allocate import ServedCurve, cores_for_slo
+    from packrat.core.allocate import cores_for_slo
+    from packrat.core.curve import ServedCurve
     from packrat.core.optimizer import Optimizer
     from packrat.core.profile import read_profile
 
@@ -160,7 +161,8 @@ def _plan_profile(args) -> int:
 
 
 def _plan_models(args) -> int:
-    from packrat.core.allocate import ModelDemand, ServedCurve, allocate
+    from packrat.core.allocate import ModelDemand, allocate
+    from packrat.core.curve import ServedCurve
     from packrat.core.profile import read_profile
 
     cores = _cores(args)

@@ -32,11 +32,11 @@ from dataclasses import dataclass, replace
 from packrat.core.allocate import (
     Allocation,
     ModelDemand,
-    ServedCurve,
     allocate,
     evaluate_split,
     within,
 )
+from packrat.core.curve import ServedCurve
 from packrat.core.switchcost import judge_switch
 from packrat.errors import PlanError
 

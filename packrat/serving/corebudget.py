@@ -9,7 +9,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import replace
 
-from packrat.core.allocate import ModelDemand, ServedCurve, even_split
+from packrat.core.allocate import ModelDemand, even_split
+from packrat.core.curve import ServedCurve
 from packrat.core.decide import OVERLOAD_UTILIZATION, Reason, SwitchTo
 from packrat.core.optimizer import Optimizer
 from packrat.core.plan import ServedPlan, Shape, shape_of
