@@ -16,7 +16,7 @@ from packrat.core.profile import Profile, ProfilePoint
 from packrat.errors import PackratError, TorchServeError
 from packrat.jsonfile import read_json, write_json
 from packrat.model.sample import Sample
-from packrat.serving import controller as controller_module
+from packrat.serving import watchdog as watchdog_module
 from packrat.serving import switch as switch_module
 from packrat.serving.controller import Controller, ControllerParams, ModelRuntime
 from packrat.serving.rundir import RunDir
@@ -308,8 +308,8 @@ def test_requests(tmp_path, world):
 def test_frontend_watchdog_restarts_backs_off_and_serves_every_plan_again(tmp_path, world, monkeypatch):
     clock, ts = world
     alive = {"pid": 10}
-    monkeypatch.setattr(controller_module, "is_running", lambda server: server.frontend_pid == alive["pid"])
-    monkeypatch.setattr(controller_module, "stop_server", lambda server: None)
+    monkeypatch.setattr(watchdog_module, "is_running", lambda server: server.frontend_pid == alive["pid"])
+    monkeypatch.setattr(watchdog_module, "stop_server", lambda server: None)
     restarts = []
 
     def restart():
@@ -343,8 +343,8 @@ def test_frontend_watchdog_restarts_backs_off_and_serves_every_plan_again(tmp_pa
 def test_a_switch_in_flight_when_torchserve_dies_is_answered_as_failed(tmp_path, world, monkeypatch):
     clock, ts = world
     alive = {"up": True}
-    monkeypatch.setattr(controller_module, "is_running", lambda server: alive["up"])
-    monkeypatch.setattr(controller_module, "stop_server", lambda server: None)
+    monkeypatch.setattr(watchdog_module, "is_running", lambda server: alive["up"])
+    monkeypatch.setattr(watchdog_module, "stop_server", lambda server: None)
     pool = HeldPool(hold=True)
     c = make_controller(tmp_path, clock, ts, pool=pool)
     c.server, c.restart_server = ServerProcess(10, tmp_path), lambda: ServerProcess(10, tmp_path)

@@ -2,7 +2,8 @@
 plan is worth it, switches TorchServe to it make-before-break.
 
 Each tick (`Controller.tick`, every `tick_s` while a switch is under way):
-- the frontend watchdog: a dead TorchServe is restarted and every plan served again;
+- the frontend watchdog (packrat/serving/watchdog.py): a dead TorchServe is restarted and
+  every plan served again;
 - every switch under way advances one step if its last step has finished
   (packrat.serving.switch: a switch never blocks the loop);
 - `packrat reconfigure` requests are read, decided (`decide_request`) and carried out; a
@@ -22,7 +23,6 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import replace
 
 from packrat.core.decide import (
     Action,
@@ -40,7 +40,6 @@ from packrat.core.decide import (
     prewarm,
 )
 from packrat.core.plan import ServedPlan
-from packrat.core.policy import plan_for_batch
 from packrat.core.switchcost import Kind
 from packrat.errors import PackratError, PlanError, TorchServeError
 from packrat.jsonfile import read_json, write_json
@@ -55,11 +54,12 @@ from packrat.serving.switch import (
     SwitchResult,
     SwitchSettings,
 )
-from packrat.torchserve import ServerProcess, TorchServeClient, is_running, stop_server
+from packrat.serving.watchdog import Watchdog
+from packrat.torchserve import ServerProcess, TorchServeClient
 
 log = logging.getLogger(__name__)
 
-class Controller:
+class Controller(Watchdog):
     """server and restart_server: the TorchServe this controller watches and how to start it
     again (None: nothing is watched, as in tests of the switch alone). attached: the
     TorchServe is the user's (packrat serve --attach): it is watched through /ping and never
@@ -309,115 +309,6 @@ class Controller:
                                             m.estimator.candidate, self.params.estimator)
         sample_model(m, metrics, self.clock(), self.params, est)
 
-    # -- a dead TorchServe -----------------------------------------------------------------
-
-    def server_up(self) -> bool:
-        """True if TorchServe runs. A frontend that died (killed, out of memory) takes its
-        workers with it; restart it with the same settings and serve every model's plan
-        again, as a new version (the old one's files and slots are stale). The restart itself
-        blocks (nothing can be served meanwhile); the switches that follow do not."""
-        if self.attached:
-            return self._attached_up()
-        if self.server is None or self.restart_server is None or is_running(self.server):
-            return True
-        if self.clock() < self.server_retry_at:
-            return False
-        dead = self.server.frontend_pid
-        self.server_event = (f"TorchServe frontend (pid {dead}) exited at {_hms(self.wall())}; "
-                             "restarting it")
-        log.error("%s", self.server_event)
-        self._abort_switches("TorchServe exited")
-        self.save_state()
-        try:
-            stop_server(self.server)  # what is left of it: workers still holding slot locks
-            self.server = self.restart_server()
-        except PackratError as e:
-            self.server_event = (f"TorchServe frontend (pid {dead}) exited and could not be "
-                                 f"restarted: {e}; retrying in {self.params.retry_after_s:.0f} s")
-            log.error("%s", self.server_event)
-            self.server_retry_at = self.clock() + self.params.retry_after_s
-            self.save_state()
-            return False
-        self.server_restarts += 1
-        restoring = self._restore_all()
-        self.server_event = (f"TorchServe frontend (pid {dead}) exited at {_hms(self.wall())}; "
-                             f"restarted as pid {self.server.frontend_pid}, serving "
-                             f"{', '.join(restoring) or 'nothing (see last_error)'} again")
-        log.warning("%s", self.server_event)
-        self.save_state()
-        return True
-
-    def _abort_switches(self, why: str) -> None:
-        for switch in [*self.switches.values(), *self.draining]:
-            switch.abort(why)
-            self._finished(switch)
-        self.switches.clear()
-        self.draining = []
-        self.standby.lost()
-        self.retiring = []
-
-    def _restore_all(self, only_missing: bool = False) -> list[str]:
-        """Serve every model's plan again as a new version (only_missing: only the models
-        whose live version TorchServe no longer has); what was restored, described."""
-        restoring = []
-        for m in self.models.values():
-            if only_missing and m.plan is not None and any(
-                    v.version == m.plan.version for v in self.client.versions(m.name)):
-                continue
-            # The old version died with the frontend; the switch finds it gone and removes
-            # its files. Until the new one serves, status shows the old plan without pids.
-            old = m.plan
-            if old is not None:
-                plan = replace(old, version=str(m.next_version))
-            else:
-                try:
-                    plan = plan_for_batch(m.optimizer, m.name, str(m.next_version),
-                                          m.estimator.estimate, m.cores)
-                except PlanError as e:
-                    m.last_error = str(e)
-                    continue
-            self.start_switch(SwitchTo(plan, Reason.RESTORE))
-            restoring.append(f"{m.name} {plan.describe()}")
-        return restoring
-
-    def _attached_up(self) -> bool:
-        """The user's TorchServe answers /ping (looked at once per interval). One that stops
-        answering is reported and waited for: Packrat never restarts a TorchServe it did not
-        start. Once it answers again, models whose version it lost (it was restarted) are
-        served again as new versions."""
-        now = self.clock()
-        if now < self.server_retry_at:
-            return self.down_since is None
-        self.server_retry_at = now + self.params.interval_s
-        try:
-            alive = self.client.ping()
-        except PackratError:  # e.g. its key file is gone with it
-            alive = False
-        if not alive:
-            if self.down_since is None:
-                self.down_since = self.wall()
-                self.server_event = (f"the attached TorchServe stopped answering at "
-                                     f"{_hms(self.down_since)}; waiting for it (Packrat does not "
-                                     "restart a TorchServe it did not start)")
-                log.error("%s", self.server_event)
-                self._abort_switches("the attached TorchServe stopped answering")
-                self.save_state()
-            return False
-        if self.down_since is not None:
-            self.down_since = None
-            try:
-                restoring = self._restore_all(only_missing=True)
-            except PackratError as e:  # it went away again: look at the next interval
-                log.warning("the attached TorchServe answers again, but: %s", e)
-                self.down_since = self.wall()
-                return False
-            self.server_event = (f"the attached TorchServe answers again since "
-                                 f"{_hms(self.wall())}" + (f"; serving {', '.join(restoring)} "
-                                                           "again" if restoring else ""))
-            log.warning("%s", self.server_event)
-            self.save_state()
-        return True
-
     # -- manual requests (`packrat reconfigure`) --------------------------------------------
 
     def handle_requests(self) -> int:
@@ -477,7 +368,3 @@ class Controller:
             "core_split": self.params.core_split.value if len(self.models) > 1 else None,
             "allocation": self.budget.last,
         })
-
-
-def _hms(unix: float) -> str:
-    return time.strftime("%H:%M:%S", time.localtime(unix))
