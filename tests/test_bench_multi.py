@@ -374,7 +374,11 @@ def test_two_models_end_to_end(tmp_path):
     for cname, c in configs.items():
         assert c["error"] is None, (cname, c["error"])
         for name, m in [*c["models"].items(), ("all", c["all"])]:
-            assert m["failed"] == 0 and m["unanswered"] == 0, (cname, name, m)
+            assert m["failed"] == 0, (cname, name, m)
+            # TorchServe's default oversubscribes the cores (two unpinned workers per model):
+            # on a busy machine its queue outgrows the client's timeout, which the benchmark
+            # reports as unanswered. Packrat must answer every request.
+            assert m["unanswered"] == 0 or cname == "torchserve-default", (cname, name, m)
             assert m["p50_ms"] > 0 and 0 <= m["slo_attainment"] <= 1
     assert configs["torchserve-default"]["allocations"] == []
     assert configs["allocator"]["serve"] == "packrat serve --core-split auto"
