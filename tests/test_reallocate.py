@@ -210,10 +210,9 @@ def test_even_and_overlap_splits_never_move(tmp_path, world):  # noqa: F811
         ts.load.clear()
 
 
-def test_a_model_that_shrinks_drops_its_wider_standby_plans(tmp_path, world, memory):  # noqa: F811
-    # a holds both cores with 2x<t=1,b=1> in standby; b wakes up: a shrinks to one core,
-    # where that standby plan cannot run (it once stopped the controller: "2 instances x 1
-    # threads need 2 cores")
+def a_busy_b_idle(tmp_path, world, a_load, seconds):  # noqa: F811
+    """Two models on two cores with a standby budget, each serving its plan for B = 1; then
+    a under a_load and b idle for `seconds`: a holds both cores, b the shared one."""
     clock, ts = world
     c = make_controller(tmp_path, clock, ts, models=("a", "b"), core_split=CoreSplit.AUTO,
                         standby_memory_mb=1000)
@@ -221,9 +220,18 @@ def test_a_model_that_shrinks_drops_its_wider_standby_plans(tmp_path, world, mem
     a, b = c.models["a"], c.models["b"]
     for m in (a, b):
         assert c.switch_now(m, plan_for(m, 1)).ok
-    ts.load.update(a=8.0, b=0.0)
-    ticks(c, clock, 30)
+    ts.load.update(a=a_load, b=0.0)
+    ticks(c, clock, seconds)
     assert a.cores == (0, 1) and b.shared
+    return c, a, b
+
+
+def test_a_model_that_shrinks_drops_its_wider_standby_plans(tmp_path, world, memory):  # noqa: F811
+    # a holds both cores with 2x<t=1,b=1> in standby; b wakes up: a shrinks to one core,
+    # where that standby plan cannot run (it once stopped the controller: "2 instances x 1
+    # threads need 2 cores")
+    clock, ts = world
+    c, a, b = a_busy_b_idle(tmp_path, world, 8.0, 30)
     assert c.switch_now(a, replace(plan_for(a, 2), version=str(a.next_version))).ok
     assert c.switch_now(a, replace(plan_for(a, 1), version=str(a.next_version))).ok
     assert any(e.plan.model == "a" and e.plan.instances == 2 for e in c.standby.set.entries)
@@ -276,15 +284,7 @@ def test_a_donor_shrinks_warm_onto_a_plan_loaded_ahead_of_need(tmp_path, world, 
     # (where it would go if b woke up) is loaded into standby; when b wakes, a's shrink is a
     # set-default, and b gets its core without waiting for a cold load of a
     clock, ts = world
-    c = make_controller(tmp_path, clock, ts, models=("a", "b"), core_split=CoreSplit.AUTO,
-                        standby_memory_mb=1000)
-    c.place(TWO)
-    a, b = c.models["a"], c.models["b"]
-    for m in (a, b):
-        assert c.switch_now(m, plan_for(m, 1)).ok
-    ts.load.update(a=2.0, b=0.0)  # (a's plan holds its load: not overloaded)
-    ticks(c, clock, 30)
-    assert a.cores == (0, 1) and b.shared
+    c, a, b = a_busy_b_idle(tmp_path, world, 2.0, 30)  # (a's plan holds its load)
     ticks(c, clock, 30)  # the shrink plan is prewarmed
     warm = [e.plan for e in c.standby.set.entries if e.plan.model == "a"]
     assert any(p.slots == ((0,),) for p in warm), [p.describe() for p in warm]
@@ -327,15 +327,7 @@ def test_overloaded_models_are_weighed_at_what_their_share_of_the_cores_serves()
 
 def test_a_donor_loads_one_shrink_plan_however_b_wavers(tmp_path, world, memory):  # noqa: F811
     clock, ts = world
-    c = make_controller(tmp_path, clock, ts, models=("a", "b"), core_split=CoreSplit.AUTO,
-                        standby_memory_mb=1000)
-    c.place(TWO)
-    a, b = c.models["a"], c.models["b"]
-    for m in (a, b):
-        assert c.switch_now(m, plan_for(m, 1)).ok
-    ts.load.update(a=2.0, b=0.0)
-    ticks(c, clock, 40)
-    assert a.cores == (0, 1) and b.shared
+    c, _, _ = a_busy_b_idle(tmp_path, world, 2.0, 40)
     for level in (1.0, 2.0, 1.0, 2.0):  # B wavers: the shrink plan for each B differs
         ts.load.update(a=level)
         ticks(c, clock, 15)
