@@ -18,6 +18,7 @@ from packrat.core.standby import (
     shape_of,
 )
 from packrat.serving import standby as standby_module
+from packrat.serving import switch as switch_module
 from tests.test_controller import CORES, make_controller, plan, ticks, world  # noqa: F401
 
 
@@ -105,8 +106,16 @@ def test_no_budget_deletes_old_versions_as_before(tmp_path, world, memory):  # n
     assert ts.registered("b") == ["2"] and c2.standby.set.entries == ()
 
 
-def test_a_settled_model_gets_the_next_plan_loaded_ahead_of_need(tmp_path, world, memory):  # noqa: F811
+def test_a_settled_model_gets_the_next_plan_loaded_ahead_of_need(tmp_path, world, memory,  # noqa: F811
+                                                                monkeypatch):
     clock, ts = world
+    background = {}  # version: prepared to load at idle priority?
+
+    def prepare(run, base, name, version, plan, **kw):
+        background[version] = kw["background"]
+        return f"{name}-v{version}"
+
+    monkeypatch.setattr(switch_module, "prepare_version", prepare)
     ts.load["a"] = 0.4  # B = 1, and the live plan's one worker busy 40% of the time
     c = make_controller(tmp_path, clock, ts, standby_memory_mb=1000)
     m = c.models["a"]
@@ -118,6 +127,9 @@ def test_a_settled_model_gets_the_next_plan_loaded_ahead_of_need(tmp_path, world
     assert warm, "nothing was loaded ahead of need"
     logged = [json.loads(line) for line in c.run.switch_log.read_text().splitlines()]
     assert any(x["reason"] == "prewarm" and x["ok"] for x in logged)
+    # loaded ahead of need at idle priority; the live plan at normal priority
+    assert {x["version"]: background[x["version"]] for x in logged} == {
+        x["version"]: x["reason"] == "prewarm" for x in logged}
     registers = len([x for x in ts.calls if x[0] == "register"])
     ts.load["a"] = 2.0  # the load doubles: B = 2, whose plan was loaded ahead
     ticks(c, clock, 40)

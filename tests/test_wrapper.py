@@ -74,3 +74,68 @@ def test_the_entry_point_pins_before_import_resets_after_initialize_and_delegate
     assert (vdir / ".packrat-slots" / "0.lock").is_file()
     if os.cpu_count() > 1:  # the handler could take more than its slot: it was told
         assert "the handler's initialize changed" in out.stderr
+
+
+POLICY_HANDLER = '''
+import os
+
+import torch
+
+
+def _seen():
+    return {"policy": os.sched_getscheduler(0), "threads": torch.get_num_threads()}
+
+
+class Watch:
+    """Reports the CPU scheduling policy of the thread it runs on."""
+
+    def initialize(self, context):
+        self.at_load = _seen()
+
+    def handle(self, data, context):
+        return [{"at_load": self.at_load, "now": _seen()} for _ in data]
+'''
+
+BACKGROUND_WORKER = '''
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+from ts.context import Context, RequestProcessor
+from packrat.worker import wrapper
+
+ctx = Context("m", sys.argv[1], {"model": {"modelName": "m"}}, 1, None, "0.12.0")
+assert wrapper.handle(None, ctx) is None
+ctx.request_processor = [RequestProcessor({"x-packrat-warm-up": "1"})]
+warm = wrapper.handle([{"body": "w"}], ctx)
+ctx.request_processor = [RequestProcessor({"content-type": "application/json"})]
+real = wrapper.handle([{"body": "r"}], ctx)
+print(json.dumps({"warm": warm[0], "real": real[0], "main": os.sched_getscheduler(0)}))
+'''
+
+
+def _run_watch(tmp_path, background: bool) -> dict:
+    """The Watch handler behind the entry point: what it saw at load, on a warm-up request
+    and on a real one."""
+    plan = ServedPlan("m", "1", 1, 1, 1, ((usable_cores()[-1],),), 1.0, 1)
+    vdir = tmp_path / "m-v1"
+    vdir.mkdir()
+    (vdir / "watch_handler.py").write_text(POLICY_HANDLER)
+    config = WorkerConfig(plan, vdir / ".packrat-slots", "watch_handler", background)
+    (vdir / WORKER_FILE).write_text(json.dumps(config.to_json()))
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(BACKGROUND_WORKER), str(vdir)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_background_version_loads_and_warms_up_at_idle_priority_and_serves_normally(tmp_path):
+    got = _run_watch(tmp_path, background=True)
+    idle = {"policy": os.SCHED_IDLE, "threads": 1}
+    assert got["warm"] == {"at_load": idle, "now": idle}  # (the header's case does not matter)
+    assert got["real"]["now"] == {"policy": os.SCHED_OTHER, "threads": 1}
+    assert got["main"] == os.SCHED_OTHER
+
+
+def test_a_live_version_loads_and_warms_up_at_normal_priority(tmp_path):
+    got = _run_watch(tmp_path, background=False)
+    normal = {"policy": os.SCHED_OTHER, "threads": 1}
+    assert got["warm"] == {"at_load": normal, "now": normal}

@@ -32,6 +32,9 @@ HANDLER_PACKAGE = "packrat.worker"
 WORKER_FILE = "packrat-worker.json"
 ENTRY_FILE = "packrat_entry.py"
 ENTRY_HANDLER = "packrat_entry:handle"
+# Packrat's warm-up requests carry this header; a background version's entry point runs them
+# at idle CPU priority, as it ran the load.
+WARM_UP_HEADER = "X-Packrat-Warm-Up"
 # In every version directory: the archive's model-config.yaml (if any) with the version's
 # workers and batching; the manifest's configFile names it, the user's file stays as it was.
 VERSION_CONFIG_FILE = "packrat-model-config.yaml"

@@ -250,7 +250,8 @@ class Switch(Task):
         self.phase = Phase.PREPARING
         url = yield from self._call(prepare_version, ctx.run, self.base_dir, name,
                                     plan.version, plan,
-                                    max_batch_delay_ms=s.max_batch_delay_ms)
+                                    max_batch_delay_ms=s.max_batch_delay_ms,
+                                    background=self.prewarm)
         self.phase = Phase.REGISTERING
         yield from self._call(ctx.client.register, url, model_name=name,
                               batch_size=plan.batch_size,

@@ -23,6 +23,7 @@ from packrat.model.spec import (
     ENTRY_HANDLER,
     HANDLER_FILE,
     HANDLER_PACKAGE,
+    WARM_UP_HEADER,
     WORKER_FILE,
 )
 from packrat.serving.rundir import RunDir
@@ -58,11 +59,12 @@ def deploy_version(run: RunDir, client: TorchServeClient, base_dir: Path, name: 
 
 
 def prepare_version(run: RunDir, base_dir: Path, name: str, version: str, layout: Layout, *,
-                    max_batch_delay_ms: int) -> str:
+                    max_batch_delay_ms: int, background: bool = False) -> str:
     """Make the version's directory in the model store from the extracted archive, never
     touching the archive: its own model-config.yaml with the layout's workers and batching,
     and for a pinned version Packrat's entry point around the archive's handler with the
-    plan and slot directory it reads. Return the url to register."""
+    plan and slot directory it reads (background: it loads and warms up at idle CPU
+    priority). Return the url to register."""
     remove_version_files(run, name, version)  # a leftover of an interrupted switch
     url = make_version_dir(base_dir, run.model_store, name, version)
     dest = run.model_store / url
@@ -76,7 +78,7 @@ def prepare_version(run: RunDir, base_dir: Path, name: str, version: str, layout
     if isinstance(layout, ServedPlan):
         # before the workers start: each reads it from its model directory to claim a slot
         run.write_plan(layout)
-        config = WorkerConfig(layout, run.slot_dir(name, version), handler)
+        config = WorkerConfig(layout, run.slot_dir(name, version), handler, background)
         write_json(dest / WORKER_FILE, config.to_json())
         _copy_package_file(ENTRY_FILE, dest)
         manifest["model"]["handler"] = ENTRY_HANDLER
@@ -132,12 +134,14 @@ def check_workers(run: RunDir, client: TorchServeClient, name: str, version: str
 
 def warm_version(client: TorchServeClient, name: str, version: str, n: int,
                  warm: Sample) -> None:
-    """Two rounds of full batches to every worker of the version before it takes traffic."""
+    """Two rounds of full batches to every worker of the version before it takes traffic,
+    marked as warm-up (WARM_UP_HEADER)."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(n, 64)) as pool:
         for _ in range(2):
             replies = list(pool.map(
                 lambda _: client.predict(name, warm.body, version=version, timeout_s=300,
-                                         content_type=warm.content_type), range(n)))
+                                         content_type=warm.content_type,
+                                         headers={WARM_UP_HEADER: "1"}), range(n)))
             bad = [r.status_code for r in replies if r.status_code != 200]
             if bad:
                 raise PackratError(f"{name} version {version}: warm-up requests failed with "

@@ -105,10 +105,10 @@ class TorchServeClient:
 
     def predict(
         self, name: str, body: bytes, version: str | None = None, timeout_s: float = 60,
-        content_type: str = "application/json",
+        content_type: str = "application/json", headers: dict[str, str] | None = None,
     ) -> requests.Response:
         """POST body to /predictions/NAME[/VERSION]; the response as it came, whatever its
-        status (a bad request is 400, a full queue 503)."""
+        status (a bad request is 400, a full queue 503). headers: more request headers."""
         path = f"/predictions/{quote(name, safe='')}"
         if version is not None:
             path += f"/{quote(version, safe='')}"
@@ -117,7 +117,7 @@ class TorchServeClient:
             "POST",
             path,
             data=body,
-            headers={"Content-Type": content_type},
+            headers={"Content-Type": content_type, **(headers or {})},
             timeout=timeout_s,
             ok=None,
         )

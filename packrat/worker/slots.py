@@ -17,15 +17,17 @@ from packrat.model.spec import WORKER_FILE
 @dataclass(frozen=True)
 class WorkerConfig:
     """What a version directory tells its workers (WORKER_FILE): the plan, where its slot
-    locks are, and the archive's own handler that Packrat's entry point wraps."""
+    locks are, the archive's own handler that Packrat's entry point wraps, and whether it is
+    loaded ahead of need (background: its load and warm-up run at idle CPU priority)."""
 
     plan: ServedPlan
     slot_dir: Path
     handler: str
+    background: bool = False
 
     def to_json(self) -> dict:
         return {"plan": self.plan.to_json(), "slot_dir": str(self.slot_dir),
-                "handler": self.handler}
+                "handler": self.handler, "background": self.background}
 
 
 def read_worker_config(model_dir: Path) -> WorkerConfig:
@@ -34,7 +36,7 @@ def read_worker_config(model_dir: Path) -> WorkerConfig:
     try:
         data = json.loads(path.read_text())
         return WorkerConfig(ServedPlan.from_json(data["plan"]), Path(data["slot_dir"]),
-                            str(data["handler"]))
+                            str(data["handler"]), bool(data.get("background", False)))
     except FileNotFoundError:
         raise ArchiveError(f"{path} is missing: Packrat's entry point serves only version "
                            "directories Packrat made") from None
