@@ -18,9 +18,11 @@ from packrat.measure.cpus import usable_cores
 from packrat.model.archive import build_zoo_archive, extract_archive
 from packrat.model.sample import Sample
 from packrat.serving.calibrate import (
+    cached_calibration,
     calibrate,
     calibrated_profile,
     calibration_path,
+    calibration_sizes,
     load_calibration,
     save_calibration,
 )
@@ -100,11 +102,28 @@ def test_calibrated_profile_reads_the_cache_without_torchserve(tmp_path):
     profile_path = tmp_path / "resnet.csv"
     write_profile(RESNET_2CORE, profile_path)
     path = calibration_path(profile_path, 2, 10, 8)
-    save_calibration(SERVED, path)
+    full = Calibration(SERVED.points + (CalibrationPoint(2, 1, 1, 69.93, 80.0),
+                                        CalibrationPoint(1, 2, 1, 118.38, 125.0)))
+    save_calibration(full, path)
     found = calibrated_profile(None, None, tmp_path, "r", profile_path, (0, 1), b"{}",
                                iter(()), max_batch_delay_ms=10)  # nothing to serve or measure
-    assert found.cached and found.path == path and found.calibration == SERVED
+    assert found.cached and found.path == path and found.calibration == full
     assert found.optimizer.latency(2, 8) == pytest.approx(656.5)
+    save_calibration(SERVED, path)  # an older Packrat's, without every point: measured again
+    assert cached_calibration(profile_path, 2, 10) is None
+
+
+def test_calibration_serves_each_rows_batch_of_most_throughput():
+    # ResNet-50's 2-core profile (2026-11-29): per image, t=1 is cheapest at b=8 (2x<t=1,b=8>
+    # the plan of most capacity), t=2 at b=2; neither is the row's smallest or sized for B=8
+    table = {1: {1: 116.0, 2: 236.5, 4: 480.6, 8: 869.0, 16: 2261.5, 32: 5463.4},
+             2: {1: 58.0, 2: 112.3, 4: 244.1, 8: 476.4, 16: 1245.4, 32: 3123.5}}
+    profile = Profile(tuple(ProfilePoint(t, b, ms) for t, row in table.items()
+                            for b, ms in row.items()))
+    assert calibration_sizes(profile, 2, 8) == [(2, 8), (2, 1), (2, 2), (1, 4), (1, 1), (1, 8)]
+    assert calibration_sizes(RESNET_2CORE, 2, 8) == [(2, 8), (2, 1), (1, 4), (1, 1)]
+    linear = Profile(tuple(ProfilePoint(t, b, b / t) for t in (1, 2) for b in (1, 2, 4, 8)))
+    assert calibration_sizes(linear, 2, 8) == [(2, 8), (2, 1), (1, 4), (1, 1)]  # ties: smallest
 
 
 @pytest.mark.integration
