@@ -117,7 +117,7 @@ def test_the_controller_moves_cores_to_the_busy_model_donors_first(tmp_path, wor
 
     def recording(url, *, model_name, **kw):
         register(url, model_name=model_name, **kw)
-        switch = c.switches[model_name]
+        switch = c.switches.get(model_name) or c.prewarms[model_name]
         plans[(model_name, switch.plan.version)] = (switch.plan, c.models[model_name].shared)
 
     ts.register = recording

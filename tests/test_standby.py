@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from packrat.core.decide import Reason
+from packrat.core.decide import Reason, SwitchTo
 from packrat.core.plan import ServedPlan, slots_for
 from packrat.core.policy import plan_for_batch
 from packrat.core.standby import (
@@ -19,7 +19,7 @@ from packrat.core.standby import (
 )
 from packrat.serving import standby as standby_module
 from packrat.serving import switch as switch_module
-from tests.test_controller import CORES, make_controller, plan, ticks, world  # noqa: F401
+from tests.test_controller import CORES, HeldPool, make_controller, plan, ticks, world  # noqa: F401
 
 
 def entry(model, version, instances, threads, batch, mb, used, cores=(0, 1)):
@@ -159,3 +159,31 @@ def test_a_standby_plan_wider_than_the_models_cores_is_not_found():
     s = StandbySet((StandbyEntry(plan, 100.0, 0.0),))
     assert s.find("a", (2, 1, 1), (0, 1)) is not None
     assert s.find("a", (2, 1, 1), (0,)) is None  # the model now holds one core
+
+
+def test_an_overload_does_not_wait_for_a_plan_loading_ahead_of_need(tmp_path, world, memory):  # noqa: F811
+    # (a load ahead of need runs at idle CPU priority: under an overload it may get no CPU
+    # until the burst ends, so the switch that ends the overload must not queue behind it)
+    clock, ts = world
+    pool = HeldPool()
+    c = make_controller(tmp_path, clock, ts, pool=pool, standby_memory_mb=1000)
+    m = c.models["a"]
+    assert c.switch_now(m, plan("a", 1, 1, 2, 1), Reason.MANUAL).ok
+    m.auto = True
+    pool.hold = True  # the load ahead of need stays under way
+    c.start_switch(SwitchTo(plan("a", 2, 2, 1, 2), Reason.PREWARM))
+    assert set(c.prewarms) == {"a"} and not c.switches
+    assert c.start_switch(SwitchTo(plan("a", 3, 2, 1, 2), Reason.AUTO)) is None  # same plan:
+    assert [a.plan.version for a in c.queued] == ["3"]  # it waits, to find it warm
+    c.queued.clear()
+    rescue = c.start_switch(SwitchTo(plan("a", 4, 2, 1, 1), Reason.OVERLOAD))
+    assert rescue is not None and c.switches["a"] is rescue and set(c.prewarms) == {"a"}
+    pool.hold = False
+    pool.release()
+    for _ in range(200):
+        if not c.busy:
+            break
+        c.advance_switches()
+        clock.sleep(0.05)
+    assert m.plan.version == "4" and ts.default["a"] == "4"
+    assert {e.plan.version for e in c.standby.set.entries} >= {"2"}  # loaded, kept warm

@@ -346,11 +346,12 @@ class Served:
         return "?" if m is None else m.describe()
 
     def _settled(self, rate: float, in_flight: int) -> bool:
-        """No switch under way, none in the last SETTLE_S, and no backlog: at most what the
-        plan holds in its batches plus the requests of DRAINED_BATCHES batch latencies (and
-        batching delays) at rate in flight (a plan the rate overloads never gets there)."""
+        """No switch or load ahead of need under way, no switch in the last SETTLE_S, and no
+        backlog: at most what the plan holds in its batches plus the requests of
+        DRAINED_BATCHES batch latencies (and batching delays) at rate in flight (a plan the
+        rate overloads never gets there)."""
         m = self._status()
-        if m is None or m.switching is not None or not m.workers or (
+        if m is None or m.switching or m.prewarming or not m.workers or (
                 m.last_reconfiguration_s is not None and m.last_reconfiguration_s < SETTLE_S):
             return False
         held = len(m.workers) * m.workers[0].batch

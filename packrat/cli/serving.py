@@ -219,6 +219,8 @@ def cmd_status(args) -> int:
             print(f"  switching {m.switching}")
         for st in m.standby:
             print(f"  standby: version {st['version']} {st['plan']} ({st['memory_mb']:.0f} MB)")
+        if m.prewarming:
+            print(f"  loading ahead of need (at idle priority): {m.prewarming}")
         if m.last_prewarm:
             print(f"  last plan loaded ahead of need: {m.last_prewarm}")
         if m.last_error:

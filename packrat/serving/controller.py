@@ -40,6 +40,7 @@ from packrat.core.decide import (
     prewarm,
 )
 from packrat.core.plan import ServedPlan
+from packrat.core.standby import shape_of
 from packrat.core.switchcost import Kind
 from packrat.errors import PackratError, PlanError, TorchServeError
 from packrat.jsonfile import read_json, write_json
@@ -82,6 +83,9 @@ class Controller(Watchdog):
         self.sleep = sleep or time.sleep
         self.models: dict[str, ModelRuntime] = {}
         self.switches: dict[str, Switch] = {}     # under way, by model, until promoted
+        # loads ahead of need, by model: beside its switches, since a load at idle priority
+        # may wait out a whole burst that an overload switch must not wait for
+        self.prewarms: dict[str, Switch] = {}
         # promoted switches whose old version drains: the model may switch again meanwhile
         # (an overload must not wait for a drain, which under one lasted minutes)
         self.draining: list[Switch] = []
@@ -105,13 +109,12 @@ class Controller(Watchdog):
     def run_forever(self) -> None:
         while not self.stopping:
             self.tick()
-            self.sleep(self.params.tick_s if self.switches or self.queued or self.draining
-                       else max(0.0, min(self.params.tick_s * 4, self.next_sample - self.clock())))
+            self.sleep(self.params.tick_s if self.busy else max(0.0, min(self.params.tick_s * 4, self.next_sample - self.clock())))
 
     def tick(self) -> None:
         if not self.server_up():
             return
-        changed = bool(self.switches or self.queued or self.draining)  # status shows steps
+        changed = self.busy  # status shows steps
         self.advance_switches()
         changed |= self.handle_requests() > 0  # before deciding: the user's requests go first
         now = self.clock()
@@ -129,6 +132,11 @@ class Controller(Watchdog):
                     self.server_event = f"a decision failed (see {self.run.log_file}): {e}"
         if changed:  # an idle tick (every 0.2 s) writes nothing
             self.save_state()
+
+    @property
+    def busy(self) -> bool:
+        """A switch, prewarm, queued switch or drain is under way."""
+        return bool(self.switches or self.prewarms or self.queued or self.draining)
 
     def views(self, shrink: dict[str, ServedPlan] | None = None) -> list[ModelView]:
         # (a shared model's plan is the allocator's: one 1-thread worker, no automatic switch)
@@ -168,17 +176,24 @@ class Controller(Watchdog):
     # -- switches ---------------------------------------------------------------------------
 
     def start_switch(self, action: SwitchTo) -> Switch | None:
-        """Start the switch, or queue it (None) while its model or `after` is switching."""
+        """Start the switch, or queue it (None) while its model or `after` is switching, or
+        while the same plan loads ahead of need (it will be warm; an overload does not wait).
+        A prewarm runs beside the model's switches (the caller starts one at a time)."""
         m = self.models[action.model]
         m.next_version = max(m.next_version, int(action.plan.version) + 1)
         if action.reason is Reason.MANUAL:
             m.auto = False  # a manual plan holds until --auto
-        if m.name in self.switches or any(self._busy(a) for a in action.after):
+        loading = self.prewarms.get(m.name)
+        if action.reason is not Reason.PREWARM and (
+                m.name in self.switches or any(self._busy(a) for a in action.after)
+                or (loading is not None and action.reason is not Reason.OVERLOAD
+                    and shape_of(loading.plan) == shape_of(action.plan))):
             self.queued.append(action)
             return None
         action, from_standby = self.standby.take(action, m.cores)
         evict, park_old = self.standby.room_for(m.plan, action.reason)
-        switch = self.switches[m.name] = Switch(
+        tasks = self.prewarms if action.reason is Reason.PREWARM else self.switches
+        switch = tasks[m.name] = Switch(
             self.ctx, action, m.plan, m.base_dir, m.warm, on_promoted=self._promoted,
             from_standby=from_standby, evict=evict, park_old=park_old)
         switch.tick()
@@ -186,7 +201,8 @@ class Controller(Watchdog):
 
     def _busy(self, name: str) -> bool:
         """A switch of the model is under way or waiting, or one of its versions retiring."""
-        return (name in self.switches or any(a.model == name for a in self.queued)
+        return (name in self.switches or name in self.prewarms
+                or any(a.model == name for a in self.queued)
                 or any(t.model == name for t in self.retiring + self.draining))
 
     # -- several models, one core budget (packrat.serving.corebudget) ------------------------
@@ -196,11 +212,10 @@ class Controller(Watchdog):
         self.budget.place(self.models, cores, self.clock(), self.wall())
 
     def _reallocate(self, now: float) -> None:
-        """Carry out a reallocation worth its switches. Weighed only while no switch but a
-        prewarm is under way or waiting (old versions draining do not hold it up: the
-        receivers' switches wait for their donors' switches, drains and deletions)."""
-        if (not self.budget.live(self.models) or self.queued
-                or any(not s.prewarm for s in self.switches.values())):
+        """Carry out a reallocation worth its switches. Weighed only while no switch is under
+        way or waiting (prewarms and old versions draining do not hold it up: the receivers'
+        switches wait for their donors' switches, drains and deletions)."""
+        if not self.budget.live(self.models) or self.queued or self.switches:
             return
         for action in self.budget.reallocate(self.models, now, self.wall(),
                                              self.standby.shapes):
@@ -212,6 +227,8 @@ class Controller(Watchdog):
         """Load a likely next plan of a settled model into standby, where it fits."""
         shrink = self.budget.shrink_plans(self.models, now, self.standby.shapes)
         for view in self.views(shrink):
+            if view.name in self.prewarms:
+                continue
             action = prewarm(view, now)
             if action is not None and self.standby.fits(view.plan, action.plan):
                 log.info("%s: %s", view.name, action.why)
@@ -239,6 +256,11 @@ class Controller(Watchdog):
             if switch.result is not None:
                 self._finished(switch)
         self.draining = [s for s in self.draining if s.result is None]
+        for name, switch in list(self.prewarms.items()):
+            switch.tick()
+            if switch.result is not None:
+                del self.prewarms[name]
+                self._finished(switch)
         for name, switch in list(self.switches.items()):
             switch.tick()
             if switch.result is not None:
@@ -345,6 +367,7 @@ class Controller(Watchdog):
         for m in self.models.values():
             switch = self.switches.get(m.name) or next(
                 (s for s in self.draining if s.model == m.name), None)
+            loading = self.prewarms.get(m.name)
             models[m.name] = {
                 "version": m.plan.version if m.plan else None,
                 "estimated_batch": m.estimator.estimate,
@@ -357,6 +380,8 @@ class Controller(Watchdog):
                 "switching": (f"to {switch.plan.describe()} (version {switch.plan.version}): "
                               f"{switch.phase.value}") if switch else None,
                 "standby": self.standby.describe(m.name),
+                "prewarming": (f"{loading.plan.describe()} (version {loading.plan.version}): "
+                               f"{loading.phase.value}") if loading else None,
                 "last_prewarm": m.last_prewarm,
                 "shared": m.shared,
                 "slo_ms": m.slo_ms,

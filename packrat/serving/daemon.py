@@ -212,7 +212,8 @@ def _leave_attached(controller: Controller) -> None:
     run, client = controller.run, controller.client
     deadline = controller.clock() + controller.params.drain_timeout_s
     try:
-        while (controller.switches or controller.draining) and controller.clock() < deadline:
+        while (controller.switches or controller.prewarms or controller.draining) and \
+                controller.clock() < deadline:
             controller.advance_switches()
             controller.sleep(controller.params.tick_s)
         for name in controller.models:

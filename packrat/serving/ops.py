@@ -103,6 +103,7 @@ class ModelStatus:
     switching: str | None           # a switch under way, and its step
     standby: tuple[dict, ...] = ()  # old versions kept loaded: version, plan, memory_mb
     last_prewarm: str | None = None  # the last plan loaded ahead of need: what it cost
+    prewarming: str | None = None    # a plan loading ahead of need now, and its step
     cores: tuple[int, ...] = ()      # the model's cores in the allocation (dedicated or shared)
     shared: bool = False             # idle: one 1-thread worker on the shared core
     slo_ms: float | None = None
@@ -124,7 +125,7 @@ class ModelStatus:
             "last_reconfiguration_s": self.last_reconfiguration_s,
             "last_error": self.last_error, "calibration": self.calibration,
             "switching": self.switching, "standby": list(self.standby),
-            "last_prewarm": self.last_prewarm,
+            "prewarming": self.prewarming, "last_prewarm": self.last_prewarm,
             "cores": "shared" if self.shared else list(self.cores),
             "shared": self.shared, "slo_ms": self.slo_ms, "slo_met": self.slo_met,
         }
@@ -191,7 +192,7 @@ def status(run_dir: Path) -> Status:
             last_reconfiguration_s=round(now - last, 1) if last else None,
             last_error=st.get("last_error"), calibration=st.get("calibration"),
             switching=st.get("switching"), standby=tuple(st.get("standby") or ()),
-            last_prewarm=st.get("last_prewarm"), cores=tuple(st.get("cores") or ()),
+            prewarming=st.get("prewarming"), last_prewarm=st.get("last_prewarm"), cores=tuple(st.get("cores") or ()),
             shared=bool(st.get("shared")), slo_ms=st.get("slo_ms"), slo_met=st.get("slo_met"))
     return Status(controller_pid(run), server.frontend_pid if server else None,
                   state.get("torchserve_restarts", 0), state.get("torchserve_event"), models,

@@ -59,10 +59,11 @@ class Watchdog:
         return True
 
     def _abort_switches(self, why: str) -> None:
-        for switch in [*self.switches.values(), *self.draining]:
+        for switch in [*self.switches.values(), *self.prewarms.values(), *self.draining]:
             switch.abort(why)
             self._finished(switch)
         self.switches.clear()
+        self.prewarms.clear()
         self.draining = []
         self.standby.lost()
         self.retiring = []
