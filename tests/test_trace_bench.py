@@ -24,6 +24,7 @@ from packrat.bench.trace import (
     load_trace,
     plan_throughput,
     rated,
+    reactions,
     read_switches,
     static_plan,
     ts_config_text,
@@ -152,8 +153,8 @@ def test_json_shape():
     assert list(out["configurations"]) == list(CONFIGURATIONS)
     keys = {"plan", "requests", "failed", "unanswered", "dropped", "mean_ms", "p50_ms", "p99_ms",
             "slo_ms", "slo_attainment", "switches"}
-    for c in out["configurations"].values():
-        assert c.keys() == keys
+    for name, c in out["configurations"].items():
+        assert c.keys() == keys | ({"load_changes"} if name.startswith("packrat") else set())
         assert (c["requests"], c["failed"], c["unanswered"], c["dropped"]) == (4, 0, 0, 0)
         assert c["mean_ms"] == 115.0 and c["p50_ms"] == 25.0 and c["slo_ms"] == 40.0
         assert c["slo_attainment"] == 0.75
@@ -163,6 +164,21 @@ def test_json_shape():
     assert out["configurations"]["packrat-warm"]["switches"][1] == {
         "at_s": 8.0, "seconds": 0.5, "warm": True,
         "to": {"instances": [{"threads": 2, "batch": 1}]}}
+    assert out["configurations"]["packrat-warm"]["load_changes"] == [
+        {"at_s": 4.0, "rps_from": 5.0, "rps_to": 20.0, "serving_after_s": 1.7}]
+
+
+def test_load_change_to_new_plan_serving():
+    trace = Trace("t", 100.0, (Step(0.0, 2.0), Step(10.0, 10.0), Step(20.0, 11.0),
+                               Step(40.0, 2.0), Step(70.0, 8.0)))
+    sw = (SwitchRecord(5.0, 1.0, True, Config(1, 2, 1)),    # before any change: not counted
+          SwitchRecord(12.0, 0.5, True, Config(1, 2, 4)),   # the first after 10 s
+          SwitchRecord(13.0, 0.5, True, Config(1, 2, 8)),   # a second one: not counted
+          SwitchRecord(45.0, 20.0, False, Config(2, 1, 1)))  # cold: decided 5 s after 40 s
+    got = reactions(trace, sw)
+    # 10 -> 11 requests/s at 20 s is no load change; after 70 s no switch came
+    assert [(r.at_s, r.rps_from, r.rps_to, r.serving_after_s) for r in got] == [
+        (10.0, 2.0, 10.0, 2.5), (40.0, 11.0, 2.0, 25.0), (70.0, 2.0, 8.0, None)]
 
 
 def test_table():
@@ -173,7 +189,8 @@ def test_table():
     assert list(rows) == list(CONFIGURATIONS)
     assert "1x<t=2,b=8>" in rows["baseline"] and "auto" in rows["packrat-warm"]
     assert "75.0%" in rows["static"] and "0/0" in rows["static"]
-    assert rows["packrat-warm"].endswith("2 (median 1.0 s, 1 warm)")
+    assert rows["packrat-warm"].endswith(
+        "2 (median 1.0 s, 1 warm); load change to new plan median 1.7 s (1 of 1 changes)")
     assert "disturbed" in lines[-1] and "packrat-cold" in lines[-1]
 
 

@@ -164,6 +164,37 @@ def read_switches(path: Path, model: str, since_unix: float) -> tuple[SwitchReco
     return tuple(sorted(out, key=lambda s: s.at_s))
 
 
+LOAD_CHANGE = 1.5  # a step of the trace whose rate changes by this factor or more
+
+
+@dataclass(frozen=True)
+class Reaction:
+    """A load change of the trace and how long until a new plan served after it."""
+    at_s: float
+    rps_from: float
+    rps_to: float
+    serving_after_s: float | None  # load change to the first switch's new default; None: none
+
+    def to_json(self) -> dict:
+        return {"at_s": _r(self.at_s), "rps_from": _r(self.rps_from), "rps_to": _r(self.rps_to),
+                "serving_after_s": _r(self.serving_after_s)}
+
+
+def reactions(trace: Trace, switches: tuple[SwitchRecord, ...]) -> tuple[Reaction, ...]:
+    """Per load change of the trace (a step whose rate differs by LOAD_CHANGE or more from
+    the one before): seconds from it to the new default of the first switch decided after it
+    and before the next load change (None where no switch came)."""
+    changes = [(b.start_s, a.rps, b.rps) for a, b in zip(trace.steps, trace.steps[1:])
+               if max(a.rps, b.rps) >= LOAD_CHANGE * min(a.rps, b.rps) and max(a.rps, b.rps) > 0]
+    out = []
+    for k, (at, before, after) in enumerate(changes):
+        until = changes[k + 1][0] if k + 1 < len(changes) else math.inf
+        first = next((s for s in switches if at <= s.at_s < until), None)
+        out.append(Reaction(at, before, after,
+                            None if first is None else first.at_s + first.seconds - at))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class ConfigResult:
     name: str
@@ -173,14 +204,16 @@ class ConfigResult:
     warmup_p50_ms: float | None = None  # over the warm-up, at the trace's mean rate
     foreign_cores: float = 0.0       # CPU other processes used meanwhile (not in the JSON)
 
-    def to_json(self, slo_ms: float) -> dict:
+    def to_json(self, slo_ms: float, trace: Trace | None = None) -> dict:
         r = self.load
+        changes = {} if trace is None or self.plan is not None else {
+            "load_changes": [x.to_json() for x in reactions(trace, self.switches)]}
         return {"plan": None if self.plan is None else self.plan.to_json(),
                 "requests": r.count, "failed": r.failed, "unanswered": r.unanswered,
                 "dropped": r.dropped, "mean_ms": _r(r.mean_ms()), "p50_ms": _r(r.p50_ms()),
                 "p99_ms": _r(r.p99_ms()), "slo_ms": _r(slo_ms),
                 "slo_attainment": round(r.slo_attainment(slo_ms), 4),
-                "switches": [s.to_json() for s in self.switches]}
+                "switches": [s.to_json() for s in self.switches], **changes}
 
 
 @dataclass(frozen=True)
@@ -195,7 +228,7 @@ class TraceResult:
     def to_json(self) -> dict:
         return {"model": self.model, "trace": self.trace.name,
                 "duration_s": self.trace.duration_s, "seed": self.seed,
-                "configurations": {k: c.to_json(self.slo_ms)
+                "configurations": {k: c.to_json(self.slo_ms, self.trace)
                                    for k, c in self.configurations.items()}}
 
 

@@ -183,6 +183,8 @@ def cmd_trace(args, names: tuple[str, ...]) -> int:
 
 def render_trace(result) -> str:
     """The trace benchmark's table: one row per configuration."""
+    from packrat.bench.trace import reactions
+
     t = result.trace
     lines = [(f"{result.model}, trace {t.describe()}, seed {result.seed}; SLO "
               f"{result.slo_ms:.1f} ms ({result.slo_source})"),
@@ -195,6 +197,11 @@ def render_trace(result) -> str:
         sw = c.switches
         switches = (f"{len(sw)} (median {statistics.median(s.seconds for s in sw):.1f} s, "
                     f"{sum(s.warm for s in sw)} warm)" if sw else "0")
+        if c.plan is None:  # automatic: how soon after each load change a new plan served
+            after = [x.serving_after_s for x in reactions(t, sw)]
+            served = [x for x in after if x is not None]
+            switches += (f"; load change to new plan median {statistics.median(served):.1f} s"
+                         if served else "") + f" ({len(served)} of {len(after)} changes)"
         plan = c.plan.config.describe() if c.plan else "auto"
         lines.append(f"{name:<14}{plan:<15}{_ms(j['mean_ms']):>9}{_ms(j['p50_ms']):>9}"
                      f"{_ms(j['p99_ms']):>9}{j['slo_attainment']:>9.1%}  {lost:<19}{switches}")
