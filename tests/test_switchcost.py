@@ -10,7 +10,7 @@ from packrat.core.decide import (
 )
 from packrat.core.optimizer import Optimizer
 from packrat.core.policy import (
-    PolicyParams, capacity_rps, manual_plan, plan_for_batch, switch_verdict,
+    PolicyParams, capacity_rps, manual_plan, plan_for_batch, queued_latency_ms, switch_verdict,
 )
 from packrat.core.profile import Profile, ProfilePoint
 from packrat.core.switchcost import (
@@ -347,3 +347,23 @@ def test_two_rounds_force_only_a_warm_switch_three_any():
     assert switch_verdict(one, two, OPT, 2, stay_s=10.0, warm=True).switch
     three = manual_plan(OPT, "m", "3", 4, 1, 1, CORES)       # B = 3: three rounds of 4 ms
     assert switch_verdict(one, three, OPT, 3, stay_s=10.0).switch
+
+
+def test_an_overload_rescue_weighs_queueing_not_capacity_alone():
+    # ResNet-50 on 2 cores, calibrated: 1x<t=2,b=1> 68.1 ms (14.7 requests/s), 2x<t=1,b=4>
+    # 503.9 ms (15.9/s). At 13.5/s (92% of the live plan's capacity) the bigger plan serves
+    # 8% more but each request waits for a 504 ms batch: the live plan's queue is shorter
+    table = {1: {1: 133.8, 2: 260.0, 4: 503.9}, 2: {1: 68.1, 2: 155.1, 4: 300.0}}
+    opt = Optimizer(Profile(tuple(ProfilePoint(t, b, ms) for t, row in table.items()
+                                  for b, ms in row.items())), 2)
+    live = manual_plan(opt, "m", "1", 1, 2, 1, (0, 1))
+    big = manual_plan(opt, "m", "2", 2, 1, 4, (0, 1))
+    assert queued_latency_ms(opt, live, 13.5) < queued_latency_ms(opt, big, 13.5)
+    assert queued_latency_ms(opt, live, 15.0) == math.inf > queued_latency_ms(opt, big, 15.0)
+    levels = LevelHistory(4, 999.0, (20.0,) * 5)
+    near = view(optimizer=opt, cores=(0, 1), plan=live, estimate=4, load=4.0, rate=13.5,
+                levels=levels, warm_shapes=frozenset({(2, 1, 4)}))
+    assert not any(a.reason is Reason.OVERLOAD for a in decide([near], 1000.0, PolicyParams(), 10.0)
+                   if isinstance(a, SwitchTo))
+    (rescue,) = decide([view(**{**near.__dict__, "rate": 15.0})], 1000.0, PolicyParams(), 10.0)
+    assert rescue.reason is Reason.OVERLOAD and shape_of(rescue.plan) == (2, 1, 4)
