@@ -58,6 +58,24 @@ def test_a_model_waking_up_takes_cores_the_other_gives_first():
     assert r.donors == ("a",) and r.receivers == ("b",)
 
 
+def test_a_wake_up_waits_for_a_falling_model_then_moves_once():
+    # b's load starts as a's ends: a's fast rate has fallen to 30/s of its 200/s average
+    falling = [load("a", batch=8, rate=30.0, slow_rate=200.0, cores=CORES),
+               load("b", batch=8, rate=20.0, slow_rate=20.0, shared=True)]
+    r = reallocate(falling, CORES, wait_for_falling=True)
+    assert not r.changed and r.waiting
+    assert "b busy" in r.reason and "a falls (30.0/s, 200.0/s on average)" in r.reason
+    assert reallocate(falling, CORES).changed  # the caller's bound has passed: move
+    # a went idle: one move, b takes every core
+    idle = [replace(falling[0], rate=1.0), falling[1]]
+    r = reallocate(idle, CORES, wait_for_falling=True)
+    assert r.changed and not r.waiting and "a idle" in r.reason and "b busy" in r.reason
+    assert r.placement("b").cores == CORES and r.placement("a").shared
+    # a steady (not falling) model does not hold a wake-up up
+    steady = [replace(falling[0], rate=150.0), falling[1]]
+    assert reallocate(steady, CORES, wait_for_falling=True).changed
+
+
 def test_a_small_gain_is_not_worth_the_switches_a_large_one_is():
     # equal loads on an even split: nothing to gain
     even = [load("a", batch=8, cores=(0, 1)), load("b", batch=8, cores=(2, 3))]
@@ -98,7 +116,7 @@ def test_a_manual_plan_keeps_its_cores_and_the_rest_is_shared_out():
 
 # -- the controller carries it out (a fake TorchServe, an injected clock) ----------------------
 
-from packrat.serving.corebudget import plan_for  # noqa: E402
+from packrat.serving.corebudget import WAKE_WAIT_S, plan_for  # noqa: E402
 from packrat.serving.runtime import CoreSplit  # noqa: E402
 from tests.test_controller import CORES as TWO  # noqa: E402
 from tests.test_controller import make_controller, ticks, world  # noqa: E402,F401
@@ -335,3 +353,23 @@ def test_a_donor_loads_one_shrink_plan_however_b_wavers(tmp_path, world, memory)
     assert len(shrinks) == 1, [e.plan.describe() for e in c.standby.set.entries]
     # and nothing else is loaded on the cores an idle model may claim
     assert all(e.plan.slots == ((0,),) for e in c.standby.set.entries if e.plan.model == "a")
+
+
+def test_a_wake_up_waits_a_bounded_time_for_a_falling_model(tmp_path, world, memory):  # noqa: F811
+    # a's load falls from 800 to 50 requests/s (still busy) as b's starts (60/s: b wakes
+    # once its slow average passes its line, 6 intervals on): the move waits for a to settle,
+    # at most WAKE_WAIT_S, then gives b its core
+    clock, ts = world
+    c, a, b = a_busy_b_idle(tmp_path, world, 8.0, 30)
+    ts.load.update(a=0.5, b=0.6)
+    waited = None
+    for _ in range(int(15 / 0.05)):
+        ticks(c, clock, 0.05)
+        if c.budget.waiting_since is not None:
+            waited = c.budget.waiting_since
+            break
+    assert waited is not None and b.shared, "b's wake-up did not wait for a's falling rate"
+    ticks(c, clock, WAKE_WAIT_S - 1)
+    assert b.shared and a.cores == (0, 1)  # still waiting
+    ticks(c, clock, 30)
+    assert {a.cores, b.cores} == {(0,), (1,)} and not b.shared

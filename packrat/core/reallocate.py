@@ -21,6 +21,11 @@ Pure code: loads in, a Reallocation out; no clock, no I/O. The controller carrie
 - Hysteresis (the switch-cost rule): a change of who is busy is always carried out, and so is
   one that meets more of the SLOs; otherwise the new split must gain at least min_gain of the
   weighted latency and more over the expected stay than the switches cost.
+- One move per load change: when a model wakes while another busy one's rate is falling
+  (below FALLING times its slow rate), the move waits (`wait_for_falling`, bounded by the
+  caller) until that one is idle or steady. When one model's load ends as the other's starts,
+  the waker would otherwise get a share of the cores, then all of them a few seconds later:
+  two cold loads (ResNet-50: 20-30 s each on 2 busy cores).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from packrat.errors import PlanError
 
 IDLE_SHARE = 0.05   # idle below this share of one 1-thread worker's requests per second
 BUSY_AGAIN = 2.0    # an idle model turns busy above this many times the idle line
+FALLING = 0.75      # a busy model whose rate is below this share of its slow rate is falling
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,12 @@ class ModelLoad:
         slow = self.rate if self.slow_rate is None else self.slow_rate
         return self.rate >= line and slow >= line
 
+    def falling(self) -> bool:
+        """Busy, and its arrivals fell to under FALLING of their slow average: it may be on
+        its way to idle."""
+        return (not self.shared and self.rate is not None and self.slow_rate is not None
+                and self.rate < FALLING * self.slow_rate)
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -93,16 +105,19 @@ class Reallocation:
     shared_core: int
     changed: bool                     # worth carrying out (the rest is for status)
     reason: str
+    waiting: bool = False             # a model woke, but the move waits for a falling one
 
     def placement(self, name: str) -> Placement:
         return next(p for p in self.placements if p.name == name)
 
 
 def reallocate(loads: Sequence[ModelLoad], cores: tuple[int, ...], *, min_gain: float = 0.05,
-               stay_s: float = 60.0, cost: tuple[float, float] = (10.0, 1.0)) -> Reallocation:
+               stay_s: float = 60.0, cost: tuple[float, float] = (10.0, 1.0),
+               wait_for_falling: bool = False) -> Reallocation:
     """The placement of every model on `cores` for these loads, and whether to move to it
     (cost: a switch's (duration_s, slowdown), stay_s: how long the loads are expected to
-    hold; see packrat.core.switchcost.judge_switch)."""
+    hold; see packrat.core.switchcost.judge_switch). wait_for_falling: a move that only wakes
+    models waits while another busy model's rate is falling (`waiting` says so)."""
     if not cores:
         raise PlanError("no cores to allocate")
     fixed = {c for m in loads if m.manual for c in m.cores}
@@ -146,11 +161,21 @@ def reallocate(loads: Sequence[ModelLoad], cores: tuple[int, ...], *, min_gain: 
     receivers = tuple(p.name for p in placements if not by_name[p.name].manual and _takes(by_name[p.name], p))
     changed, reason = _worth(auto, demands, allocation, placements, by_name, len(free),
                              min_gain, stay_s, cost)
+    waiting = False
+    woke = [p.name for p in placements if not p.shared and by_name[p.name].shared]
+    slept = [p.name for p in placements if p.shared and not by_name[p.name].shared]
+    falling = [m for m in busy if not m.shared and m.falling()]
+    if changed and wait_for_falling and woke and not slept and falling:
+        changed, waiting = False, True
+        reason = (f"{', '.join(woke)} busy; the move waits while the rate of "
+                  + ", ".join(f"{m.name} falls ({m.rate:.1f}/s, {m.slow_rate:.1f}/s on average)"
+                              for m in falling)
+                  + ": once it is idle or steady, one move")
     if crowded:
         reason += (f"; {', '.join(m.name for m in crowded)} treated as idle: more busy models "
                    f"than the {len(free)} cores")
     return Reallocation(allocation, tuple(placements), donors, receivers,
-                        tuple(m.name for m in crowded), shared_core, changed, reason)
+                        tuple(m.name for m in crowded), shared_core, changed, reason, waiting)
 
 
 def if_woken(loads: Sequence[ModelLoad], cores: tuple[int, ...], **kw) -> Reallocation | None:
