@@ -13,11 +13,13 @@ Everything comes from WORKER_FILE in the model directory, never from the fronten
 environment, so it works in any TorchServe and a worker restarted after Packrat stopped still
 pins itself.
 
-A background version (a plan loaded ahead of need, into standby) initializes the handler and
-answers Packrat's warm-up requests (WARM_UP_HEADER) on one thread of idle CPU priority
-(SCHED_IDLE), so loading it takes only CPU the live plan leaves idle: on 2 cores, ResNet-50's
-load at normal priority made the live plan's requests 5-11 times slower. Real requests stay on
-TorchServe's thread at normal priority (an unprivileged process cannot raise a priority back).
+A background version (a plan loaded ahead of need, into standby) imports and initializes the
+handler and answers Packrat's warm-up requests (WARM_UP_HEADER) on one thread of idle CPU
+priority (SCHED_IDLE), so loading it takes only CPU the live plan leaves idle: on 2 cores,
+ResNet-50's load at normal priority made the live plan's requests 5-11 times slower. Real
+requests stay on TorchServe's thread at normal priority (an unprivileged process cannot raise
+a priority back). The worker's own start (Python, torch, TorchServe's modules: ~1.5 s of CPU)
+comes before Packrat's code runs and is at normal priority.
 """
 
 from __future__ import annotations
@@ -98,20 +100,25 @@ def _initialize(context) -> _Worker:
     _place(worker, first=True)
     logger.info("%s v%s: slot %d, cores %s, %d threads; handler %s", plan.model, plan.version,
                 worker.slot, list(worker.cores), plan.threads, config.handler)
-    entry_point, initialize = load_entry_point(config.handler)
     if config.background:
         worker.idle = ThreadPoolExecutor(1, thread_name_prefix="packrat-idle",
                                          initializer=_idle_priority, initargs=(plan.threads,))
-        worker.idle.submit(initialize, context).result()
+        worker.entry_point = worker.idle.submit(_load, config.handler, context).result()
     else:
-        initialize(context)
-    worker.entry_point = entry_point
+        worker.entry_point = _load(config.handler, context)
     changed = _misplaced(worker)
     if changed:
         logger.warning("%s v%s: the handler's initialize changed %s; set back to the plan",
                        plan.model, plan.version, changed)
         _place(worker, first=False)
     return worker
+
+
+def _load(handler: str, context):
+    """Import the handler and initialize it; its entry point."""
+    entry_point, initialize = load_entry_point(handler)
+    initialize(context)
+    return entry_point
 
 
 def load_entry_point(handler: str):
