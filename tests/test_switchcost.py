@@ -353,7 +353,7 @@ def test_an_overload_rescue_weighs_queueing_not_capacity_alone():
     # ResNet-50 on 2 cores, calibrated: 1x<t=2,b=1> 68.1 ms (14.7 requests/s), 2x<t=1,b=4>
     # 503.9 ms (15.9/s). At 13.5/s (92% of the live plan's capacity) the bigger plan serves
     # 8% more but each request waits for a 504 ms batch: the live plan's queue is shorter
-    table = {1: {1: 133.8, 2: 260.0, 4: 503.9}, 2: {1: 68.1, 2: 155.1, 4: 300.0}}
+    table = {1: {1: 133.8, 2: 260.0, 4: 503.9, 8: 800.0}, 2: {1: 68.1, 2: 155.1, 4: 300.0}}
     opt = Optimizer(Profile(tuple(ProfilePoint(t, b, ms) for t, row in table.items()
                                   for b, ms in row.items())), 2)
     live = manual_plan(opt, "m", "1", 1, 2, 1, (0, 1))
@@ -363,7 +363,15 @@ def test_an_overload_rescue_weighs_queueing_not_capacity_alone():
     levels = LevelHistory(4, 999.0, (20.0,) * 5)
     near = view(optimizer=opt, cores=(0, 1), plan=live, estimate=4, load=4.0, rate=13.5,
                 levels=levels, warm_shapes=frozenset({(2, 1, 4)}))
-    assert not any(a.reason is Reason.OVERLOAD for a in decide([near], 1000.0, PolicyParams(), 10.0)
-                   if isinstance(a, SwitchTo))
-    (rescue,) = decide([view(**{**near.__dict__, "rate": 15.0})], 1000.0, PolicyParams(), 10.0)
-    assert rescue.reason is Reason.OVERLOAD and shape_of(rescue.plan) == (2, 1, 4)
+
+    def rescues(v):
+        return [a for a in decide([v], 1000.0, PolicyParams(), 10.0)
+                if isinstance(a, SwitchTo) and a.reason is Reason.OVERLOAD]
+
+    assert rescues(near) == []
+    # beyond the live plan's capacity, but 8% more capacity is within what calibration
+    # misjudges (and the switch's drain costs): no rescue; 2x<t=1,b=8> (20/s, +36%) is one
+    over = view(**{**near.__dict__, "rate": 15.0})
+    assert rescues(over) == []
+    (rescue,) = rescues(view(**{**over.__dict__, "warm_shapes": frozenset({(2, 1, 4), (2, 1, 8)})}))
+    assert shape_of(rescue.plan) == (2, 1, 8)

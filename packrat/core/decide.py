@@ -131,6 +131,10 @@ OVERLOAD_UTILIZATION = 0.9
 DOWN_UTILIZATION = 0.7
 # ... and the overload's plan must promise a queued latency under this share of the live one's
 RESCUE_GAIN = 0.9
+# ... and at least this much more capacity: calibrated capacities moved by ~10% between runs on
+# the 2-core VM, and during the switch the old version's queue drains on the same cores. (On
+# bursty ResNet-50 traffic, switches to plans of 1-8% more capacity made every burst slower.)
+RESCUE_CAPACITY = 1.15
 
 
 def decide(models: list[ModelView], now: float, policy: PolicyParams,
@@ -203,9 +207,9 @@ def _keeps_up(m: ModelView, plan: ServedPlan) -> bool:
 def _overload_rescue(m: ModelView, standby: list[ServedPlan]) -> SwitchTo | None:
     """When requests arrive near or beyond what the live plan can serve and queue beyond one
     round, a standby plan of more capacity, taken at once (no patience: the queue grows every
-    second): the one of least queued latency at the rate (policy.queued_latency_ms) if that
-    is under RESCUE_GAIN of the live plan's, else, where none keeps up, the one of most
-    capacity. (Capacity alone once took ResNet-50 from 1x<t=2,b=1> to 2x<t=1,b=4> at 92% of
+    second): among those of RESCUE_CAPACITY times the live plan's capacity or more, the one
+    of least queued latency at the rate (policy.queued_latency_ms) if that is under
+    RESCUE_GAIN of the live plan's, else, where none keeps up, the one of most capacity. (Capacity alone once took ResNet-50 from 1x<t=2,b=1> to 2x<t=1,b=4> at 92% of
     the live plan's capacity: 8% more capacity, 7x the batch latency, and slower requests.)
     Cold plans are left to the cost rule: loading one on the busy cores would cut the
     capacity further while the queue grows."""
@@ -216,13 +220,13 @@ def _overload_rescue(m: ModelView, standby: list[ServedPlan]) -> SwitchTo | None
     load = m.load if m.load is not None else m.estimate
     if rate <= OVERLOAD_UTILIZATION * live_rps or load <= m.plan.instances * m.plan.batch_size:
         return None
-    more = [p for p in standby if capacity_rps(opt, p) > live_rps]
+    more = [p for p in standby if capacity_rps(opt, p) >= RESCUE_CAPACITY * live_rps]
     if not more:
         return None
     best = min(more, key=lambda p: (queued_latency_ms(opt, p, rate), p.predicted_ms))
-    live_ms = queued_latency_ms(opt, m.plan, rate)
-    if math.isfinite(queued_latency_ms(opt, best, rate)):
-        if queued_latency_ms(opt, best, rate) >= RESCUE_GAIN * live_ms:
+    best_ms = queued_latency_ms(opt, best, rate)
+    if math.isfinite(best_ms):
+        if best_ms >= RESCUE_GAIN * queued_latency_ms(opt, m.plan, rate):
             return None
         pick = best
     else:
@@ -347,10 +351,13 @@ def prewarm(m: ModelView, now: float) -> SwitchTo | None:
         # hold up the woken model's cores)
         return None
     version = str(m.next_version)
+    # (one the overload rescue would not take, for too little capacity over the live plan's,
+    # is not worth its memory and its load)
+    rescue_rps = RESCUE_CAPACITY * capacity_rps(m.optimizer, m.plan)
     candidates = [(p, "a plan of the most capacity, for an overload")
                   for p in (most_capacity(m.optimizer, m.name, version, m.cores),
                             most_capacity(m.optimizer, m.name, version, m.cores, within=0.9))
-                  if p is not None]
+                  if p is not None and capacity_rps(m.optimizer, p) >= rescue_rps]
     for batch in (2 * m.estimate, m.estimate // 2):
         if not 1 <= batch <= m.optimizer.max_servable:
             continue

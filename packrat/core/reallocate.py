@@ -164,7 +164,7 @@ def reallocate(loads: Sequence[ModelLoad], cores: tuple[int, ...], *, min_gain: 
     waiting = False
     woke = [p.name for p in placements if not p.shared and by_name[p.name].shared]
     slept = [p.name for p in placements if p.shared and not by_name[p.name].shared]
-    falling = [m for m in busy if not m.shared and m.falling()]
+    falling = [m for m in busy if m.falling()]
     if changed and wait_for_falling and woke and not slept and falling:
         changed, waiting = False, True
         reason = (f"{', '.join(woke)} busy; the move waits while the rate of "

@@ -109,7 +109,8 @@ class Controller(Watchdog):
     def run_forever(self) -> None:
         while not self.stopping:
             self.tick()
-            self.sleep(self.params.tick_s if self.busy else max(0.0, min(self.params.tick_s * 4, self.next_sample - self.clock())))
+            self.sleep(self.params.tick_s if self.busy
+                       else max(0.0, min(self.params.tick_s * 4, self.next_sample - self.clock())))
 
     def tick(self) -> None:
         if not self.server_up():
