@@ -23,6 +23,7 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import replace
 
 from packrat.core.decide import (
     Action,
@@ -190,6 +191,16 @@ class Controller(Watchdog):
                 or (loading is not None and action.reason is not Reason.OVERLOAD
                     and shape_of(loading.plan) == shape_of(action.plan))):
             self.queued.append(action)
+            return None
+        if (action.reason is Reason.REALLOCATE and m.plan is not None
+                and shape_of(m.plan) == shape_of(action.plan) and m.plan.slots == action.plan.slots):
+            # Its workers already run so, e.g. a woken model whose dedicated core is the shared
+            # one it served on: nothing to load (a cold switch to the same plan took 16 s).
+            m.plan = replace(m.plan, shared=action.plan.shared,
+                             predicted_ms=action.plan.predicted_ms, for_batch=action.plan.for_batch)
+            self.run.write_plan(m.plan)
+            log.info("%s: %s on cores %s already serves as planned", m.name, m.plan.describe(),
+                     ",".join(map(str, m.cores)))
             return None
         action, from_standby = self.standby.take(action, m.cores)
         evict, park_old = self.standby.room_for(m.plan, action.reason)

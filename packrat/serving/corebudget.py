@@ -113,7 +113,9 @@ class CoreBudget:
             if m.shared or not m.auto or p.shared or not set(p.cores) < set(m.cores):
                 continue
             try:
-                plan = plan_on(m, p.cores, p.batch)
+                # for its arrivals where known: its B may be a backlog (after a cold switch
+                # ResNet-50's B of 24 loaded 1x<t=1,b=24>; its rate needed b=1)
+                plan = plan_on(m, p.cores, 1 if m.estimator.rate is not None else p.batch)
             except PlanError:
                 continue
             warm = warm_shapes(m.name, p.cores)
