@@ -375,3 +375,18 @@ def test_an_overload_rescue_weighs_queueing_not_capacity_alone():
     assert rescues(over) == []
     (rescue,) = rescues(view(**{**over.__dict__, "warm_shapes": frozenset({(2, 1, 4), (2, 1, 8)})}))
     assert shape_of(rescue.plan) == (2, 1, 8)
+
+
+def test_a_passing_queue_the_live_plan_keeps_up_with_does_not_force_a_cold_switch():
+    # B = 8 waits behind 1x<t=4,b=1> (8 rounds of 4 ms = 32 ms) where 4x<t=1,b=4> serves it
+    # in 2 rounds (cold). At 150 requests/s (60% of the live plan's 250/s) the queue passes:
+    # the cold switch must pay its cost (here: a measured 20 s at 3x slower); at 300/s the
+    # live plan cannot keep up, its queue grows, and the faster plan is taken whatever the cost
+    live = manual_plan(OPT, "m", "1", 1, 4, 1, CORES)
+    costly = SwitchStats(cold=SwitchCost(20.0, 3.0, 3))
+    levels = LevelHistory(8, 999.0, (20.0,) * 5)
+    calm = view(plan=live, estimate=8, load=8.0, rate=150.0, levels=levels, stats=costly)
+    actions = decide([calm], 1000.0, PolicyParams(), 0.0)
+    assert not any(isinstance(a, SwitchTo) for a in actions), actions
+    (switch,) = decide([view(**{**calm.__dict__, "rate": 300.0})], 1000.0, PolicyParams(), 0.0)
+    assert isinstance(switch, SwitchTo) and not switch.warm and "several rounds" in switch.why

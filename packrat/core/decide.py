@@ -168,7 +168,8 @@ def decide(models: list[ModelView], now: float, policy: PolicyParams,
                                       f"{capacity_rps(m.optimizer, plan):.1f} requests/s, "
                                       f"{m.rate:.1f}/s arrive")
             return switch_verdict(live, plan, m.optimizer, m.estimate, policy,
-                                  max_batch_delay_ms, stats=m.stats, stay_s=stay_s, warm=warm)
+                                  max_batch_delay_ms, stats=m.stats, stay_s=stay_s, warm=warm,
+                                  keeps_up=_live_keeps_up(m))
 
         warm = shape_of(target) in m.warm_shapes
         best = verdict(m.plan, target, warm)
@@ -191,6 +192,13 @@ def decide(models: list[ModelView], now: float, policy: PolicyParams,
         elif (j := best.judgement) is not None and j.relative >= max(policy.min_gain, 1e-9):
             actions.append(Stay(m.name, best.why))  # faster, but not by enough for the cost
     return actions
+
+
+def _live_keeps_up(m: ModelView) -> bool:
+    """The live plan serves the measured arrivals within OVERLOAD_UTILIZATION of its
+    capacity (a closed loop's rate sits at the capacity: there it does not)."""
+    return (m.plan is not None and m.rate is not None
+            and m.rate <= OVERLOAD_UTILIZATION * capacity_rps(m.optimizer, m.plan))
 
 
 def _keeps_up(m: ModelView, plan: ServedPlan) -> bool:
