@@ -21,7 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from packrat.bench.multi import (
+from packrat.bench.multi import run_multi_bench, write_result
+from packrat.bench.multi_load import (
     BUSY_FRACTION,
     CONFIGURATIONS,
     DEFAULT_MODELS,
@@ -33,10 +34,8 @@ from packrat.bench.multi import (
     parse_models,
     parse_profiles,
     parse_slos,
-    render_table,
-    run_multi_bench,
-    write_result,
 )
+from packrat.bench.multi_results import render_table
 from packrat.errors import PackratError
 
 

@@ -14,20 +14,11 @@ from pathlib import Path
 import pytest
 
 from packrat.bench.configs import Config
-from packrat.bench.multi import (
+from packrat.bench.multi_load import (
     CONFIGURATIONS,
     PHASES,
-    AllocationSample,
-    ConfigRun,
     ModelLoad,
-    ModelSwitch,
     MultiOptions,
-    MultiResult,
-    allocation_of,
-    alone_window,
-    between,
-    choose_slos,
-    describe_allocation,
     idle_ceiling,
     model_load,
     model_trace,
@@ -35,10 +26,21 @@ from packrat.bench.multi import (
     parse_profiles,
     parse_slos,
     phase_names,
+    trace_seed,
+)
+from packrat.bench.multi_results import (
+    AllocationSample,
+    ConfigRun,
+    ModelSwitch,
+    MultiResult,
+    allocation_of,
+    alone_window,
+    between,
+    choose_slos,
+    describe_allocation,
     pooled_json,
     read_model_switches,
     render_table,
-    trace_seed,
 )
 from packrat.bench.trace import SwitchRecord
 from packrat.core.optimizer import Optimizer

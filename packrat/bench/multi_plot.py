@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from packrat.bench.multi import PHASES, MultiResult, phase_names
+from packrat.bench.multi_load import PHASES, phase_names
+from packrat.bench.multi_results import MultiResult
 from packrat.bench.trace_plot import window_seconds
 
 COLORS = ("tab:blue", "tab:orange")
