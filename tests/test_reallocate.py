@@ -337,6 +337,28 @@ def test_a_reallocation_takes_a_standby_plan_that_serves_as_well(tmp_path, world
     assert warm_instead(a, target, frozenset(), clock(), 10, 0.05) is None
 
 
+def test_a_donor_takes_a_standby_plan_even_one_short_of_its_arrivals(tmp_path, world):  # noqa: F811
+    # its cold shrink would keep the model waiting for its cores queueing on the core they
+    # share; a model that gives nothing up loads the plan that keeps up instead
+    from packrat.core.plan import shape_of
+    from packrat.core.policy import capacity_rps
+    from packrat.serving.corebudget import warm_instead
+
+    clock, ts = world
+    c = make_controller(tmp_path, clock, ts, models=("a",))
+    a = c.models["a"]
+    target = plan_for(a, 8)
+    small, smaller = plan_for(a, 2), plan_for(a, 1)
+    shapes = frozenset({shape_of(small), shape_of(smaller)})
+    most = max(capacity_rps(a.optimizer, p) for p in (small, smaller))
+    a.estimator = replace(a.estimator, rate=1.5 * most)  # neither keeps up
+    assert warm_instead(a, target, shapes, clock(), 10, 0.05) is None
+    got = warm_instead(a, target, shapes, clock(), 10, 0.05, donor=True)
+    assert got is not None and shape_of(got) in shapes
+    assert capacity_rps(a.optimizer, got) == most  # the one of most capacity
+    assert got.version == target.version
+
+
 def test_overloaded_models_are_weighed_at_what_their_share_of_the_cores_serves():
     # queues far beyond what any core count serves in one round (B 1000, the profile takes
     # 8 per instance): still an allocation, each model on its share, not an error that

@@ -317,6 +317,11 @@ def test_an_overload_switch_says_so_and_plans_of_less_capacity_need_a_margin():
     assert decide([calm], 1000.0, PolicyParams(), 10.0) == []
     (back,) = decide([view(**{**calm.__dict__, "rate": 170.0})], 1000.0, PolicyParams(), 10.0)
     assert shape_of(back.plan) == (1, 4, 1) and back.warm
+    # a dip of the fast average alone is not a fall: the slow one must be below the line too
+    dip = view(**{**calm.__dict__, "rate": 170.0, "slow_rate": 200.0})
+    assert decide([dip], 1000.0, PolicyParams(), 10.0) == []
+    fell = view(**{**calm.__dict__, "rate": 170.0, "slow_rate": 174.0})
+    assert shape_of(decide([fell], 1000.0, PolicyParams(), 10.0)[0].plan) == (1, 4, 1)
 
 
 def test_no_cold_switch_while_an_old_version_drains():

@@ -150,7 +150,7 @@ class Controller(Watchdog):
                           self.standby.shapes(m.name, m.cores), m.estimator.smoothed,
                           m.estimator.rate, self.budget.note(m, self.models),
                           any(s.model == m.name for s in self.draining),
-                          shrink.get(m.name))
+                          shrink.get(m.name), m.estimator.slow_rate)
                 for m in self.models.values()]
 
     def carry_out(self, actions: list[Action]) -> None:
