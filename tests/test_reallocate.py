@@ -414,3 +414,47 @@ def test_a_woken_model_whose_core_is_its_shared_one_keeps_its_worker(tmp_path, w
     assert b.cores == (1,) and not b.shared and a.cores == (0,)
     assert b.plan.version == version and not b.plan.shared
     assert len([x for x in ts.calls if x[0] == "register" and x[1] == "b"]) == registered
+
+
+# One core gains from batching: 1 thread serves 285/s at batch 1, 400/s at 2, 500/s at 4.
+BATCHING = Profile(tuple(ProfilePoint(t, b, ms) for t, b, ms in [
+    (1, 1, 3.5), (1, 2, 5.0), (1, 4, 8.0), (1, 8, 14.0),
+    (2, 1, 2.0), (2, 2, 3.0), (2, 4, 5.0), (2, 8, 9.0)]))
+
+
+def test_a_model_wakes_warm_onto_its_plan_for_the_rate_it_reached_when_last_busy(
+        tmp_path, world, memory):  # noqa: F811
+    # b busy at 400 requests/s, then idle on the shared core while a is busy: b's plan on
+    # that core for 400/s (b=4) is loaded ahead of need. When b wakes, its rate is still
+    # rising through the busy line: it gets that plan, warm, not its one b=1 worker (285/s)
+    # and a cold switch once its queue had grown.
+    from packrat.core.optimizer import Optimizer
+    from packrat.core.plan import shape_of
+
+    clock, ts = world
+    c = make_controller(tmp_path, clock, ts, models=("a", "b"), core_split=CoreSplit.AUTO,
+                        standby_memory_mb=1000)
+    for m in c.models.values():
+        m.optimizer = Optimizer(BATCHING, 2)
+    c.place(TWO)
+    a, b = c.models["a"], c.models["b"]
+    for m in (a, b):
+        assert c.switch_now(m, plan_for(m, 1)).ok
+    ts.load.update(a=0.0, b=4.0)
+    ticks(c, clock, 60)
+    assert b.cores == (0, 1) and a.shared and b.busy_rate > 300
+    ts.load.update(a=4.0, b=0.0)
+    ticks(c, clock, 60)
+    assert a.cores == (0, 1) and b.shared and b.cores == (1,)
+    waking = [e.plan for e in c.standby.set.entries if e.plan.model == "b"]
+    assert any(p.slots == ((1,),) and p.batch_size == 4 for p in waking), \
+        [p.describe() for p in waking]
+    registered = len([x for x in ts.calls if x[0] == "register" and x[1] == "b"])
+    ts.load.update(b=4.0)
+    for _ in range(int(30 / 0.05)):
+        ticks(c, clock, 0.05)
+        if not b.shared and not c.busy:
+            break
+    assert b.cores == (1,) and not b.shared and a.cores == (0,)
+    assert shape_of(b.plan) == (1, 1, 4), b.plan.describe()
+    assert len([x for x in ts.calls if x[0] == "register" and x[1] == "b"]) == registered

@@ -51,7 +51,9 @@ class ModelView:
     rate: float | None = None    # the estimator's arrivals per second (EWMA)
     placement: str = ""          # the model's cores in the server's allocation, for messages
     draining: bool = False       # an old version still drains on its cores: no cold switch
-    shrink: ServedPlan | None = None  # its plan on fewer cores if an idle model woke up
+    # its plan if the idle models woke up: a busy model's on the fewer cores it would keep,
+    # an idle one's on its core for the rate it reached when last busy (see CoreBudget)
+    wake_plan: ServedPlan | None = None
     slow_rate: float | None = None  # a slower average of the arrivals (estimator.SLOW_ALPHA)
 
 
@@ -340,31 +342,38 @@ PREWARM_UTILIZATION = 0.5   # at most this share of the live plan's batch capaci
 
 
 def prewarm(m: ModelView, now: float) -> SwitchTo | None:
-    """A plan to load into standby for m, or None: its plan on fewer cores if an idle model
-    woke up (m.shrink: a cold shrink would also keep that model waiting; the only plan
-    loaded for such a model, while it keeps up with the arrivals); else the plans of most
-    capacity (what an overload needs, when loading it cold would cost most), then the plans
-    for 2B and B/2 (the next levels the estimator reports), while it uses at most half its
-    live plan's capacity and its B has settled. Never one live or already warm; only under
-    automatic control and with no old version draining. The caller checks that it fits the
-    standby budget without evicting anything."""
-    if not m.auto or m.switching or m.draining or now < m.hold_until or m.plan is None:
+    """A plan to load into standby for m, or None: its plan if an idle model woke up
+    (m.wake_plan: a busy model's cold shrink would also keep that model waiting, an idle
+    model's cold switch would queue its rising load; the only plan loaded for such a model,
+    while it keeps up with the arrivals); else the plans of most capacity (what an overload
+    needs, when loading it cold would cost most), then the plans for 2B and B/2 (the next
+    levels the estimator reports), while it uses at most half its live plan's capacity and
+    its B has settled. Never one live or already warm; only under automatic control (an idle
+    model on the shared core only its wake plan) and with no old version draining. The
+    caller checks that it fits the standby budget without evicting anything."""
+    if m.switching or m.draining or now < m.hold_until or m.plan is None:
+        return None
+    if not m.auto and m.wake_plan is None:
         return None
     live = shape_of(m.plan)
     load = m.load if m.load is not None else m.estimate
     held = m.plan.instances * m.plan.batch_size
     keeps_up = (load <= held if m.rate is None
                 else m.rate <= OVERLOAD_UTILIZATION * capacity_rps(m.optimizer, m.plan))
-    # (the shrink plan does not wait for B to settle: B wavering between 1 and 2 kept
-    # ResNet-50 from loading it for a whole phase; it is loaded once, see CoreBudget)
-    if (m.shrink is not None and keeps_up and shape_of(m.shrink) != live
-            and shape_of(m.shrink) not in m.warm_shapes):
-        return SwitchTo(m.shrink, Reason.PREWARM,
-                        why=f"ahead of need: its plan on cores "
-                            f"{','.join(map(str, sorted({c for s in m.shrink.slots for c in s})))}"
-                            " if an idle model wakes up")
+    # (the wake plan does not wait for B to settle: B wavering between 1 and 2 kept
+    # ResNet-50 from loading its shrink plan for a whole phase; it is loaded once, see
+    # CoreBudget)
+    wake = m.wake_plan
+    if (wake is not None and keeps_up and shape_of(wake) != live
+            and shape_of(wake) not in m.warm_shapes):
+        cores = ",".join(map(str, sorted({c for s in wake.slots for c in s})))
+        return SwitchTo(wake, Reason.PREWARM,
+                        why=f"ahead of need: its plan on cores {cores} if "
+                            f"{'an idle model' if m.auto else 'it'} wakes up")
+    if not m.auto:
+        return None
     settled = m.levels.since is not None and now - m.levels.since >= PREWARM_SETTLED_S
-    if m.shrink is not None or not settled or load > PREWARM_UTILIZATION * held:
+    if wake is not None or not settled or load > PREWARM_UTILIZATION * held:
         # (a model that would give cores up loads nothing else on them: a long load would
         # hold up the woken model's cores)
         return None

@@ -140,9 +140,9 @@ class Controller(Watchdog):
         """A switch, prewarm, queued switch or drain is under way."""
         return bool(self.switches or self.prewarms or self.queued or self.draining)
 
-    def views(self, shrink: dict[str, ServedPlan] | None = None) -> list[ModelView]:
+    def views(self, ahead: dict[str, ServedPlan] | None = None) -> list[ModelView]:
         # (a shared model's plan is the allocator's: one 1-thread worker, no automatic switch)
-        shrink = shrink or {}
+        ahead = ahead or {}
         return [ModelView(m.name, m.optimizer, m.cores, m.plan, m.auto and not m.shared,
                           m.estimator.estimate,
                           m.name in self.switches or any(a.model == m.name for a in self.queued),
@@ -150,7 +150,7 @@ class Controller(Watchdog):
                           self.standby.shapes(m.name, m.cores), m.estimator.smoothed,
                           m.estimator.rate, self.budget.note(m, self.models),
                           any(s.model == m.name for s in self.draining),
-                          shrink.get(m.name), m.estimator.slow_rate)
+                          ahead.get(m.name), m.estimator.slow_rate)
                 for m in self.models.values()]
 
     def carry_out(self, actions: list[Action]) -> None:
@@ -237,8 +237,8 @@ class Controller(Watchdog):
 
     def _prewarm(self, now: float) -> None:
         """Load a likely next plan of a settled model into standby, where it fits."""
-        shrink = self.budget.shrink_plans(self.models, now, self.standby.shapes)
-        for view in self.views(shrink):
+        ahead = self.budget.wake_plans(self.models, now, self.standby.shapes)
+        for view in self.views(ahead):
             if view.name in self.prewarms:
                 continue
             action = prewarm(view, now)

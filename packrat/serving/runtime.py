@@ -13,6 +13,7 @@ from packrat.core.estimator import EstimatorParams, EstimatorState, Sample, obse
 from packrat.core.optimizer import Optimizer
 from packrat.core.plan import ServedPlan
 from packrat.core.policy import PolicyParams
+from packrat.core.reallocate import FALLING
 from packrat.core.switchcost import (
     NO_LEVELS,
     NO_MEASUREMENTS,
@@ -91,6 +92,8 @@ class ModelRuntime:
     shared: bool = False              # idle: one 1-thread worker on the shared core
     whole: Optimizer | None = None    # the optimizer for every core of the server (the
                                       # allocator's); `optimizer` is for `cores` alone
+    busy_rate: float | None = None    # its arrivals' slow average when last busy and steady:
+                                      # the rate it will likely reach when it wakes again
 
 
 def sample_model(m: ModelRuntime, metrics: dict[tuple[str, str, str], float], now: float,
@@ -114,6 +117,9 @@ def sample_model(m: ModelRuntime, metrics: dict[tuple[str, str, str], float], no
     m.estimator = observe(m.estimator, Sample(now, requests, latency),
                           estimator or params.estimator)
     m.levels = observe_level(m.levels, m.estimator.estimate, now)
+    rate, slow = m.estimator.rate, m.estimator.slow_rate
+    if not m.shared and rate is not None and slow is not None and rate >= FALLING * slow:
+        m.busy_rate = slow  # (not once it falls: on its way to idle the average decays)
     m.history = (m.history + ((now, requests, latency),))[-HISTORY:]
     _cost_of_switch(m, now, params.interval_s)
     _cost_of_prewarm(m, now, params.interval_s)
