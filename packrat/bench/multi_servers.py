@@ -19,6 +19,7 @@ from packrat.bench.trace import (
     SERVE_START_S,
     TIMEOUT_S,
 )
+from packrat.bench.trace_serve import Started
 from packrat.core.plan import describe
 from packrat.errors import PackratError
 
@@ -41,7 +42,7 @@ def config_server(name: str, models: Sequence[BenchModel], options: MultiOptions
     return _packrat_server(name, models, options, slos, tell)
 
 
-class _PlainServer:
+class _PlainServer(Started):
     """`with _PlainServer(...) as s:` TorchServe 0.12 as it runs out of the box, both models
     registered with one unpinned worker per core and batch size 1 (Packrat starts it; its
     versions carry no plan, so the handler pins nothing and keeps torch's threads)."""
@@ -57,17 +58,6 @@ class _PlainServer:
         self.server = None
         self.describe = (f"TorchServe 0.12 default: {len(models[0].ready.cores)}x<unpinned,b=1> "
                          "per model")
-
-    def __enter__(self):
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     def _start(self) -> None:
         from packrat.bench.runner import start_on_free_ports

@@ -113,18 +113,9 @@ def _calibrated(m, run: RunDir, cores: tuple[int, ...], options: TraceOptions,
     return found.optimizer
 
 
-class Served:
-    """`with Served(...) as s:` one `packrat serve` for configuration `name`, serving."""
-
-    def __init__(self, name: str, ready: Prepared, options: TraceOptions,
-                 tell: Callable[[str], None]) -> None:
-        self.name, self.ready, self.options, self.tell = name, ready, options, tell
-        self.proc: subprocess.Popen | None = None
-        self.home = ready.out / "runs" / name  # run directory, or its logs if that was too long
-        self.run, self.temp = _fresh_run_dir(self.home)
-        self.log = ready.out / "runs" / f"{name}.serve.log"
-
-    # -- start and stop
+class Started:
+    """`with X(...) as s:` a server started by `_start()` and stopped by `stop()`; a start
+    that fails stops what it had started."""
 
     def __enter__(self) -> Self:
         try:
@@ -136,6 +127,26 @@ class Served:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+
+class Served(Started):
+    """`with Served(...) as s:` one `packrat serve` for configuration `name`, serving."""
+
+    def __init__(self, name: str, ready: Prepared, options: TraceOptions,
+                 tell: Callable[[str], None]) -> None:
+        self.name, self.ready, self.options, self.tell = name, ready, options, tell
+        self.proc: subprocess.Popen | None = None
+        self.home = ready.out / "runs" / name  # run directory, or its logs if that was too long
+        self.run, self.temp = _fresh_run_dir(self.home)
+        self.log = ready.out / "runs" / f"{name}.serve.log"
+
+    # -- start and stop
 
     def _start(self) -> None:
         from packrat.torchserve import TorchServeClient, load_settings
