@@ -432,10 +432,11 @@ BATCHING = Profile(tuple(ProfilePoint(t, b, ms) for t, b, ms in [
 
 def test_a_model_wakes_warm_onto_its_plan_for_the_rate_it_reached_when_last_busy(
         tmp_path, world, memory):  # noqa: F811
-    # b busy at 400 requests/s, then idle on the shared core while a is busy: b's plan on
-    # that core for 400/s (b=4) is loaded ahead of need. When b wakes, its rate is still
-    # rising through the busy line: it gets that plan, warm, not its one b=1 worker (285/s)
-    # and a cold switch once its queue had grown.
+    # b busy at 300 requests/s, then idle on the shared core while a is busy: b's plan on
+    # that core for 300/s within 70% of its capacity (b=4, 500/s; b=2's 400/s would leave
+    # little room to drain the queue of its wake-up) is loaded ahead of need. When b wakes,
+    # its rate is still rising through the busy line: it gets that plan, warm, not its one
+    # b=1 worker (285/s) and a cold switch once its queue had grown.
     from packrat.core.optimizer import Optimizer
     from packrat.core.plan import shape_of
 
@@ -448,9 +449,9 @@ def test_a_model_wakes_warm_onto_its_plan_for_the_rate_it_reached_when_last_busy
     a, b = c.models["a"], c.models["b"]
     for m in (a, b):
         assert c.switch_now(m, plan_for(m, 1)).ok
-    ts.load.update(a=0.0, b=4.0)
+    ts.load.update(a=0.0, b=3.0)
     ticks(c, clock, 60)
-    assert b.cores == (0, 1) and a.shared and b.busy_rate > 300
+    assert b.cores == (0, 1) and a.shared and b.busy_rate > 250, b.busy_rate
     ts.load.update(a=4.0, b=0.0)
     ticks(c, clock, 60)
     assert a.cores == (0, 1) and b.shared and b.cores == (1,)
@@ -458,7 +459,7 @@ def test_a_model_wakes_warm_onto_its_plan_for_the_rate_it_reached_when_last_busy
     assert any(p.slots == ((1,),) and p.batch_size == 4 for p in waking), \
         [p.describe() for p in waking]
     registered = len([x for x in ts.calls if x[0] == "register" and x[1] == "b"])
-    ts.load.update(b=4.0)
+    ts.load.update(b=3.0)
     for _ in range(int(30 / 0.05)):
         ticks(c, clock, 0.05)
         if not b.shared and not c.busy:

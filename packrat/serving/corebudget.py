@@ -102,7 +102,7 @@ class CoreBudget:
           without waiting for a cold load on busy cores. Where a plan is in standby on those
           cores already, that one: B wavers, and each new B must not load another.
         - per idle model that has been busy before and would wake on the core it shares
-          now, its plan there for the rate it reached when last busy (wake_rate): its one
+          now, its plan there for the rate it reached when last busy (woken_plan): its one
           1-thread worker would queue that load while a cold switch loads (small-cnn woke
           at 276 requests/s on a worker that serves 161/s, and queued 648 requests)."""
         if not self.live(models):
@@ -122,7 +122,7 @@ class CoreBudget:
                 if m.busy_rate is None or tuple(p.cores) != m.cores:
                     continue
                 try:
-                    out[m.name] = plan_on(m, p.cores, 1, wake_rate(m))
+                    out[m.name] = woken_plan(m, p.cores, 1)
                 except PlanError:
                     pass
                 continue
@@ -177,7 +177,7 @@ class CoreBudget:
             woke = m.shared and not p.shared
             move(m, p.cores, p.shared)
             try:
-                plan = plan_for(m, p.batch, wake_rate(m) if woke else None)
+                plan = woken_plan(m, m.cores, p.batch) if woke else plan_for(m, p.batch)
             except PlanError as e:
                 m.last_error = str(e)
                 continue
@@ -229,32 +229,39 @@ def move(m: ModelRuntime, cores: tuple[int, ...], shared: bool) -> None:
     m.optimizer = Optimizer(m.whole.profile, len(m.cores))
 
 
-def plan_for(m: ModelRuntime, batch: int, rate: float | None = None) -> ServedPlan:
+def plan_for(m: ModelRuntime, batch: int) -> ServedPlan:
     """The plan of a model placed on its cores: one 1-thread worker on the shared core, or
-    the plan for B, or for the B its arrivals (rate, default: the measured one) need there if
-    more (its estimate may still describe its time on the shared core)."""
+    the plan for B, or for the B its arrivals need there if more (its estimate may still
+    describe its time on the shared core)."""
     version = str(m.next_version)
     if m.shared:
         return replace(manual_plan(m.optimizer, m.name, version, 1, 1, 1, m.cores),
                        shared=True)
-    return plan_on(m, m.cores, batch, rate)
+    return plan_on(m, m.cores, batch)
 
 
-def plan_on(m: ModelRuntime, cores: tuple[int, ...], batch: int,
-            rate: float | None = None) -> ServedPlan:
-    """plan_for on these dedicated cores, which m may not hold yet."""
+def plan_on(m: ModelRuntime, cores: tuple[int, ...], batch: int, rate: float | None = None,
+            utilization: float = OVERLOAD_UTILIZATION) -> ServedPlan:
+    """plan_for on these dedicated cores, which m may not hold yet, for B or for the B that
+    serves `rate` (default: its measured arrivals) within `utilization` of its capacity."""
     opt = m.optimizer if tuple(cores) == m.cores else Optimizer(m.whole.profile, len(cores))
-    batch = max(batch, batch_for_rate(opt, m.estimator.rate if rate is None else rate, cores))
+    rate = m.estimator.rate if rate is None else rate
+    batch = max(batch, batch_for_rate(opt, rate, cores, utilization))
     return plan_for_batch(opt, m.name, str(m.next_version), batch, cores)
 
 
-def wake_rate(m: ModelRuntime) -> float | None:
-    """The arrival rate to plan a waking model for: the higher of its measured rate and the
-    one it reached when last busy. It wakes as soon as its rate crosses the busy line, while
-    its load is still rising; planned for that rate, it got the plan it already had, then a
-    cold switch once its queue had grown."""
+# A woken model's plan leaves this share of its capacity for the queue it built on the shared
+# core meanwhile: at 0.9, small-cnn's 4 s backlog (1,000 requests) took 20 s to drain.
+WAKE_UTILIZATION = 0.7
+
+
+def woken_plan(m: ModelRuntime, cores: tuple[int, ...], batch: int) -> ServedPlan:
+    """The plan of a model that wakes up onto these cores: for the higher of its measured
+    arrivals and those it reached when last busy (it wakes as soon as its rate crosses the
+    busy line, while its load still rises: planned for that rate, it got the plan it already
+    had, then a cold switch once its queue had grown), within WAKE_UTILIZATION."""
     rates = [r for r in (m.estimator.rate, m.busy_rate) if r is not None]
-    return max(rates) if rates else None
+    return plan_on(m, cores, batch, max(rates) if rates else None, WAKE_UTILIZATION)
 
 
 def warm_instead(m: ModelRuntime, target: ServedPlan, shapes: frozenset[Shape], now: float,
