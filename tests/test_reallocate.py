@@ -452,6 +452,7 @@ def test_a_model_wakes_warm_onto_its_plan_for_the_rate_it_reached_when_last_busy
     ts.load.update(a=0.0, b=3.0)
     ticks(c, clock, 60)
     assert b.cores == (0, 1) and a.shared and b.busy_rate > 250, b.busy_rate
+    assert a.busy_rate is None  # never busy: nothing to plan its wake-up for
     ts.load.update(a=4.0, b=0.0)
     ticks(c, clock, 60)
     assert a.cores == (0, 1) and b.shared and b.cores == (1,)
@@ -467,3 +468,27 @@ def test_a_model_wakes_warm_onto_its_plan_for_the_rate_it_reached_when_last_busy
     assert b.cores == (1,) and not b.shared and a.cores == (0,)
     assert shape_of(b.plan) == (1, 1, 4), b.plan.describe()
     assert len([x for x in ts.calls if x[0] == "register" and x[1] == "b"]) == registered
+
+
+def test_a_receiver_waits_for_its_donors_switches_not_for_their_loads_on_kept_cores(
+        tmp_path, world):  # noqa: F811
+    # phase 3 of a run: small-cnn, waking onto core 1, waited behind ResNet-50's load ahead of
+    # need on core 0 (the core ResNet-50 kept) and then behind ResNet-50's next switch
+    from types import SimpleNamespace
+
+    from packrat.core.decide import Reason, SwitchTo
+
+    clock, ts = world
+    c = make_controller(tmp_path, clock, ts, models=("a", "b"), core_split=CoreSplit.AUTO)
+    c.place(TWO)
+    a, b = c.models["a"], c.models["b"]
+    assert (a.cores, b.cores) == ((0,), (1,))
+    c.prewarms["a"] = SimpleNamespace(plan=replace(plan_for(a, 1), slots=((0,),)))
+    assert not c._donor_busy("a")  # loading on the core a keeps
+    c.prewarms["a"] = SimpleNamespace(plan=replace(plan_for(a, 1), slots=((1,),)))
+    assert c._donor_busy("a")      # loading on the core b takes
+    del c.prewarms["a"]
+    # while b's switch waits for a, a starts none of its own
+    assert not next(v for v in c.views() if v.name == "a").switching
+    c.queued.append(SwitchTo(plan_for(b, 1), Reason.REALLOCATE, after=("a",)))
+    assert next(v for v in c.views() if v.name == "a").switching

@@ -42,12 +42,20 @@ from packrat.core.allocate import (
     within,
 )
 from packrat.core.curve import ServedCurve
+from packrat.core.optimizer import Optimizer
 from packrat.core.switchcost import judge_switch
 from packrat.errors import PlanError
 
 IDLE_SHARE = 0.05   # idle below this share of one 1-thread worker's requests per second
 BUSY_AGAIN = 2.0    # an idle model turns busy above this many times the idle line
 FALLING = 0.75      # a busy model whose rate is below this share of its slow rate is falling
+
+
+def idle_line(opt: Optimizer) -> float:
+    """Requests per second below which a model is idle: IDLE_SHARE of what one 1-thread
+    worker serves at batch 1."""
+    ms = opt.latency(1, 1)
+    return IDLE_SHARE * 1000.0 / ms if ms > 0 and math.isfinite(ms) else 0.0
 
 
 @dataclass(frozen=True)
@@ -66,8 +74,7 @@ class ModelLoad:
 
     def idle_line(self) -> float:
         """Requests per second below which the model is idle."""
-        ms = self.curve.optimizer.latency(1, 1)
-        return IDLE_SHARE * 1000.0 / ms if ms > 0 and math.isfinite(ms) else 0.0
+        return idle_line(self.curve.optimizer)
 
     def busy(self) -> bool:
         """Busy above the idle line; an idle one only once both the rate and the slow rate

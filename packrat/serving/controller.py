@@ -145,7 +145,10 @@ class Controller(Watchdog):
         ahead = ahead or {}
         return [ModelView(m.name, m.optimizer, m.cores, m.plan, m.auto and not m.shared,
                           m.estimator.estimate,
-                          m.name in self.switches or any(a.model == m.name for a in self.queued),
+                          # (a donor a queued receiver waits for starts no switch of its
+                          # own: each one kept small-cnn waiting longer)
+                          m.name in self.switches or any(a.model == m.name or m.name in a.after
+                                                         for a in self.queued),
                           m.hold_until, m.next_version, m.stats, m.levels,
                           self.standby.shapes(m.name, m.cores), m.estimator.smoothed,
                           m.estimator.rate, self.budget.note(m, self.models),
@@ -187,7 +190,7 @@ class Controller(Watchdog):
             m.auto = False  # a manual plan holds until --auto
         loading = self.prewarms.get(m.name)
         if action.reason is not Reason.PREWARM and (
-                m.name in self.switches or any(self._busy(a) for a in action.after)
+                m.name in self.switches or any(self._donor_busy(a) for a in action.after)
                 or (loading is not None and action.reason is not Reason.OVERLOAD
                     and shape_of(loading.plan) == shape_of(action.plan))):
             self.queued.append(action)
@@ -211,11 +214,18 @@ class Controller(Watchdog):
         switch.tick()
         return switch
 
-    def _busy(self, name: str) -> bool:
-        """A switch of the model is under way or waiting, or one of its versions retiring."""
-        return (name in self.switches or name in self.prewarms
+    def _donor_busy(self, name: str) -> bool:
+        """A switch of the model is under way or waiting, one of its versions retiring, or a
+        version of it loading ahead of need on cores it no longer holds: a model waiting for
+        its cores waits for these. (Not for a load on the cores it kept: ResNet-50's shrink
+        plan, loading at idle priority, kept small-cnn off its core for a whole phase.)"""
+        m = self.models[name]
+        loading = self.prewarms.get(name)
+        return (name in self.switches
                 or any(a.model == name for a in self.queued)
-                or any(t.model == name for t in self.retiring + self.draining))
+                or any(t.model == name for t in self.retiring + self.draining)
+                or (loading is not None
+                    and not {c for s in loading.plan.slots for c in s} <= set(m.cores)))
 
     # -- several models, one core budget (packrat.serving.corebudget) ------------------------
 
@@ -240,6 +250,10 @@ class Controller(Watchdog):
         ahead = self.budget.wake_plans(self.models, now, self.standby.shapes)
         for view in self.views(ahead):
             if view.name in self.prewarms:
+                continue
+            if self.models[view.name].shared and (self.switches or self.queued or self.prewarms):
+                # an idle model's load is the most speculative: only on quiet cores (in one
+                # run three loads at once on 2 cores slowed the busy model's switch to 21 s)
                 continue
             action = prewarm(view, now)
             if action is not None and self.standby.fits(view.plan, action.plan):

@@ -22,7 +22,7 @@ from packrat.core.policy import (
     plan_of_shape,
     served_latency,
 )
-from packrat.core.reallocate import ModelLoad, Reallocation, if_woken, reallocate
+from packrat.core.reallocate import ModelLoad, Reallocation, idle_line, if_woken, reallocate
 from packrat.core.switchcost import expected_stay_s, judge_switch
 from packrat.errors import PackratError, PlanError
 from packrat.serving.runtime import ControllerParams, CoreSplit, ModelRuntime
@@ -101,8 +101,8 @@ class CoreBudget:
           its shrink is then a set-default (warm_instead), and the woken model gets its cores
           without waiting for a cold load on busy cores. Where a plan is in standby on those
           cores already, that one: B wavers, and each new B must not load another.
-        - per idle model that has been busy before and would wake on the core it shares
-          now, its plan there for the rate it reached when last busy (woken_plan): its one
+        - per idle model that has been busy before (above its busy line) and would wake on
+          the core it shares now, its plan there for the rate it reached when last busy (woken_plan): its one
           1-thread worker would queue that load while a cold switch loads (small-cnn woke
           at 276 requests/s on a worker that serves 161/s, and queued 648 requests)."""
         if not self.live(models):
@@ -119,7 +119,10 @@ class CoreBudget:
             if m.shared:
                 # (a standby version belongs to the cores it is pinned to: one on cores the
                 # model does not hold now would be evicted at once)
-                if m.busy_rate is None or tuple(p.cores) != m.cores:
+                # (only while it is idle: a model on its way up is moved by the reallocation)
+                rate = m.estimator.rate
+                if (m.busy_rate is None or tuple(p.cores) != m.cores or rate is None
+                        or rate >= idle_line(m.optimizer)):
                     continue
                 try:
                     out[m.name] = woken_plan(m, p.cores, 1)

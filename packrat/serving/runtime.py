@@ -13,7 +13,7 @@ from packrat.core.estimator import EstimatorParams, EstimatorState, Sample, obse
 from packrat.core.optimizer import Optimizer
 from packrat.core.plan import ServedPlan
 from packrat.core.policy import PolicyParams
-from packrat.core.reallocate import FALLING
+from packrat.core.reallocate import BUSY_AGAIN, FALLING, idle_line
 from packrat.core.switchcost import (
     NO_LEVELS,
     NO_MEASUREMENTS,
@@ -118,7 +118,8 @@ def sample_model(m: ModelRuntime, metrics: dict[tuple[str, str, str], float], no
                           estimator or params.estimator)
     m.levels = observe_level(m.levels, m.estimator.estimate, now)
     rate, slow = m.estimator.rate, m.estimator.slow_rate
-    if not m.shared and rate is not None and slow is not None and rate >= FALLING * slow:
+    if (not m.shared and rate is not None and slow is not None and rate >= FALLING * slow
+            and slow >= BUSY_AGAIN * idle_line(m.optimizer)):
         m.busy_rate = slow  # (not once it falls: on its way to idle the average decays)
     m.history = (m.history + ((now, requests, latency),))[-HISTORY:]
     _cost_of_switch(m, now, params.interval_s)
