@@ -251,7 +251,8 @@ class Controller(Watchdog):
         for view in self.views(ahead):
             if view.name in self.prewarms:
                 continue
-            if self.models[view.name].shared and (self.switches or self.queued or self.prewarms):
+            if self.models[view.name].shared and (self.switches or self.queued or self.prewarms
+                                                  or self.draining):
                 # an idle model's load is the most speculative: only on quiet cores (in one
                 # run three loads at once on 2 cores slowed the busy model's switch to 21 s)
                 continue
