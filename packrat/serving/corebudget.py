@@ -102,9 +102,10 @@ class CoreBudget:
           without waiting for a cold load on busy cores. Where a plan is in standby on those
           cores already, that one: B wavers, and each new B must not load another.
         - per idle model that has been busy before (above its busy line) and would wake on
-          the core it shares now, its plan there for the rate it reached when last busy (woken_plan): its one
-          1-thread worker would queue that load while a cold switch loads (small-cnn woke
-          at 276 requests/s on a worker that serves 161/s, and queued 648 requests)."""
+          the core it shares now, its plan there for the rate it reached when last busy
+          (woken_plan): its one 1-thread worker would queue that load while a cold switch
+          loads (small-cnn woke at 276 requests/s on a worker that serves 161/s, and queued
+          648 requests)."""
         if not self.live(models):
             return {}
         try:
@@ -117,9 +118,9 @@ class CoreBudget:
             if not m.auto or p.shared:
                 continue
             if m.shared:
-                # (a standby version belongs to the cores it is pinned to: one on cores the
-                # model does not hold now would be evicted at once)
-                # (only while it is idle: a model on its way up is moved by the reallocation)
+                # only while it is idle (one on its way up is moved by the reallocation), and
+                # on the core it holds now (a standby version belongs to the cores it is
+                # pinned to: one on other cores would be evicted at once)
                 rate = m.estimator.rate
                 if (m.busy_rate is None or tuple(p.cores) != m.cores or rate is None
                         or rate >= idle_line(m.optimizer)):
