@@ -322,6 +322,12 @@ def test_an_overload_switch_says_so_and_plans_of_less_capacity_need_a_margin():
     assert decide([dip], 1000.0, PolicyParams(), 10.0) == []
     fell = view(**{**calm.__dict__, "rate": 170.0, "slow_rate": 174.0})
     assert shape_of(decide([fell], 1000.0, PolicyParams(), 10.0)[0].plan) == (1, 4, 1)
+    # between bursts: the arrivals fell, but a burst of 300/s came within PEAK_WINDOW_S,
+    # beyond 90% of 1x<t=4,b=1>'s 250/s: the next burst would queue on it
+    burst = view(**{**fell.__dict__, "peak_rate": 300.0})
+    assert decide([burst], 1000.0, PolicyParams(), 10.0) == []
+    assert shape_of(decide([view(**{**fell.__dict__, "peak_rate": 220.0})], 1000.0,
+                           PolicyParams(), 10.0)[0].plan) == (1, 4, 1)
 
 
 def test_no_cold_switch_while_an_old_version_drains():

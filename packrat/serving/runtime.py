@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from packrat.core.decide import PEAK_WINDOW_S
 from packrat.core.estimator import EstimatorParams, EstimatorState, Sample, observe
 from packrat.core.optimizer import Optimizer
 from packrat.core.plan import ServedPlan
@@ -94,6 +95,11 @@ class ModelRuntime:
                                       # allocator's); `optimizer` is for `cores` alone
     busy_rate: float | None = None    # its arrivals' slow average when last busy and steady:
                                       # the rate it will likely reach when it wakes again
+    rates: tuple[tuple[float, float], ...] = ()  # (time, rate) of the last PEAK_WINDOW_S
+
+    def peak_rate(self) -> float | None:
+        """The highest arrival rate (the estimator's EWMA) of the last PEAK_WINDOW_S."""
+        return max((r for _, r in self.rates), default=None)
 
 
 def sample_model(m: ModelRuntime, metrics: dict[tuple[str, str, str], float], now: float,
@@ -121,6 +127,8 @@ def sample_model(m: ModelRuntime, metrics: dict[tuple[str, str, str], float], no
     if (not m.shared and rate is not None and slow is not None and rate >= FALLING * slow
             and slow >= BUSY_AGAIN * idle_line(m.optimizer)):
         m.busy_rate = slow  # (not once it falls: on its way to idle the average decays)
+    if rate is not None:
+        m.rates = tuple(x for x in m.rates if x[0] > now - PEAK_WINDOW_S) + ((now, rate),)
     m.history = (m.history + ((now, requests, latency),))[-HISTORY:]
     _cost_of_switch(m, now, params.interval_s)
     _cost_of_prewarm(m, now, params.interval_s)
