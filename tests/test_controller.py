@@ -2,6 +2,7 @@
 finish only when the test says: decisions, the switch state machine, the drain rule and its
 timeout, requests, the frontend watchdog, and two models switching at once."""
 
+import math
 from concurrent.futures import Executor, Future
 from dataclasses import replace
 from pathlib import Path
@@ -272,6 +273,12 @@ def test_drain_rule():
     for t in range(6):
         w, v = observe_drain(w, float(t), pending=None, cpu_s=0.0)  # unknown counts as busy
     assert v is Drain.TIMED_OUT
+    # an old plan the profile cannot tell (predicted inf) drains like one of a second a batch
+    w = start_drain(0.0, 10, math.inf, timeout_s=120)
+    assert w.empty_needed_s == pytest.approx(2.21)
+    for t in (0.0, 1.0, 2.0, 2.5):
+        w, v = observe_drain(w, t, pending=0, cpu_s=1.5)
+    assert v is Drain.DRAINED
 
 
 def test_requests(tmp_path, world):

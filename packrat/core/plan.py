@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from packrat.errors import PlanError
@@ -37,6 +38,12 @@ class ServedPlan:
 
     def describe(self) -> str:
         return describe(self.instances, self.threads, self.batch_size)
+
+    def predicted(self) -> str:
+        """Its predicted batch latency in words (a manual plan may use points the profiler
+        skipped, and then the profile cannot tell)."""
+        return (f"predicted {self.predicted_ms:.1f} ms" if math.isfinite(self.predicted_ms)
+                else "latency not profiled")
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -295,8 +295,8 @@ def _adopt_or_start(controller: Controller, m: ModelRuntime, batch: int, say) ->
     result = controller.switch_now(m, plan, Reason.AUTO)
     if not result.ok:
         raise PackratError(result.message)
-    say(f"{m.name}: serving {plan.describe()} (plan for B={plan.for_batch}, predicted "
-        f"{plan.predicted_ms:.1f} ms)")
+    say(f"{m.name}: serving {plan.describe()} (plan for B={plan.for_batch}, "
+        f"{plan.predicted()})")
 
 
 def _clear_versions(run: RunDir) -> None:

@@ -198,10 +198,10 @@ class Switch(Task):
 
     def _run(self) -> Step:
         ctx, plan, name = self.ctx, self.plan, self.model
-        log.info("%s: %s %s -> %s (version %s, predicted %.1f ms at B=%d)", name,
+        log.info("%s: %s %s -> %s (version %s, %s at B=%d)", name,
                  "prewarming" if self.prewarm else "switching",
                  self.old.describe() if self.old else "nothing", plan.describe(),
-                 plan.version, plan.predicted_ms, plan.for_batch)
+                 plan.version, plan.predicted(), plan.for_batch)
         try:
             for gone in self.evict:
                 self.phase = Phase.EVICTING
