@@ -111,6 +111,8 @@ def test_attach_switch_stop_and_the_user_torchserve_serves_on(tmp_path, theirs):
         wait_answered(load, load.result.answered + 20)  # serving on, through the stop
     finally:
         result = load.stop()
+        if proc.poll() is None:  # the test failed before its stop: leave nothing running
+            proc.kill()
     assert result.failures == [] and result.unanswered == []
     assert psutil.pid_exists(theirs.pid)  # the user's TorchServe runs on
     live = status(run)["models"]["m"]  # status works the same after the stop

@@ -7,11 +7,15 @@ import json
 import os
 import subprocess
 import sys
+import shutil
 import textwrap
+from pathlib import Path
 
 from packrat.core.plan import ServedPlan
 from packrat.measure.cpus import usable_cores
-from packrat.model.spec import WORKER_FILE
+from packrat.model.spec import IDLE_START_FILE, WORKER_FILE
+from packrat.worker import wrapper
+from packrat.worker.priority import may_raise_back
 from packrat.worker.slots import WorkerConfig
 
 GREEDY_HANDLER = '''
@@ -41,6 +45,7 @@ sys.path.insert(0, sys.argv[1])  # TorchServe puts the model directory on the pa
 from ts.context import Context
 import torch
 from packrat.worker import wrapper
+from packrat.worker.priority import may_raise_back
 
 ctx = Context("m", sys.argv[1], {"model": {"modelName": "m"}}, 1, None, "0.12.0")
 assert wrapper.handle(None, ctx) is None
@@ -98,9 +103,11 @@ class Watch:
 
 BACKGROUND_WORKER = '''
 import json, os, sys
+started = os.sched_getscheduler(0)  # after sitecustomize, before anything of Packrat's
 sys.path.insert(0, sys.argv[1])
 from ts.context import Context, RequestProcessor
 from packrat.worker import wrapper
+from packrat.worker.priority import may_raise_back
 
 ctx = Context("m", sys.argv[1], {"model": {"modelName": "m"}}, 1, None, "0.12.0")
 assert wrapper.handle(None, ctx) is None
@@ -108,21 +115,29 @@ ctx.request_processor = [RequestProcessor({"x-packrat-warm-up": "1"})]
 warm = wrapper.handle([{"body": "w"}], ctx)
 ctx.request_processor = [RequestProcessor({"content-type": "application/json"})]
 real = wrapper.handle([{"body": "r"}], ctx)
-print(json.dumps({"warm": warm[0], "real": real[0], "main": os.sched_getscheduler(0)}))
+idle = [t for t in os.listdir("/proc/self/task") if os.sched_getscheduler(int(t)) == os.SCHED_IDLE]
+print(json.dumps({"warm": warm[0], "real": real[0], "main": os.sched_getscheduler(0),
+                  "started": started, "idle_threads_after": len(idle)}))
 '''
 
 
-def _run_watch(tmp_path, background: bool) -> dict:
+def _run_watch(tmp_path, background: bool, idle_start: bool = False) -> dict:
     """The Watch handler behind the entry point: what it saw at load, on a warm-up request
-    and on a real one."""
+    and on a real one. idle_start: the version directory has Packrat's sitecustomize.py and
+    is on PYTHONPATH, as TorchServe starts a background version's worker."""
     plan = ServedPlan("m", "1", 1, 1, 1, ((usable_cores()[-1],),), 1.0, 1)
     vdir = tmp_path / "m-v1"
     vdir.mkdir()
     (vdir / "watch_handler.py").write_text(POLICY_HANDLER)
     config = WorkerConfig(plan, vdir / ".packrat-slots", "watch_handler", background)
     (vdir / WORKER_FILE).write_text(json.dumps(config.to_json()))
+    env = dict(os.environ)
+    if idle_start:
+        shutil.copyfile(Path(wrapper.__file__).with_name(IDLE_START_FILE),
+                        vdir / "sitecustomize.py")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(vdir), env.get("PYTHONPATH")]))
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(BACKGROUND_WORKER), str(vdir)],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -133,6 +148,18 @@ def test_a_background_version_loads_and_warms_up_at_idle_priority_and_serves_nor
     assert got["warm"] == {"at_load": idle, "now": idle}  # (the header's case does not matter)
     assert got["real"]["now"] == {"policy": os.SCHED_OTHER, "threads": 1}
     assert got["main"] == os.SCHED_OTHER
+
+
+def test_a_background_worker_starts_at_idle_priority_where_it_may_raise_it_back(tmp_path):
+    got = _run_watch(tmp_path, background=True, idle_start=True)
+    may = may_raise_back()
+    # Python's own start-up and every import before the handler's load ran at idle priority
+    assert got["started"] == (os.SCHED_IDLE if may else os.SCHED_OTHER)
+    idle = {"policy": os.SCHED_IDLE, "threads": 1}
+    assert got["warm"] == {"at_load": idle, "now": idle}
+    # the first real request raised every thread back: real requests run at normal priority
+    assert got["real"]["now"] == {"policy": os.SCHED_OTHER, "threads": 1}
+    assert got["main"] == os.SCHED_OTHER and got["idle_threads_after"] == 0
 
 
 def test_a_live_version_loads_and_warms_up_at_normal_priority(tmp_path):

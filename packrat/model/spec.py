@@ -31,6 +31,7 @@ HANDLER_PACKAGE = "packrat.worker"
 # TorchServe; and Packrat's entry point (package data of `packrat.worker`) that wraps it.
 WORKER_FILE = "packrat-worker.json"
 ENTRY_FILE = "packrat_entry.py"
+IDLE_START_FILE = "idle_start.py"  # a background version's sitecustomize.py
 ENTRY_HANDLER = "packrat_entry:handle"
 # Packrat's warm-up requests carry this header; a background version's entry point runs them
 # at idle CPU priority, as it ran the load.

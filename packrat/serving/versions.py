@@ -23,6 +23,7 @@ from packrat.model.spec import (
     ENTRY_HANDLER,
     HANDLER_FILE,
     HANDLER_PACKAGE,
+    IDLE_START_FILE,
     WARM_UP_HEADER,
     WORKER_FILE,
 )
@@ -64,7 +65,8 @@ def prepare_version(run: RunDir, base_dir: Path, name: str, version: str, layout
     touching the archive: its own model-config.yaml with the layout's workers and batching,
     and for a pinned version Packrat's entry point around the archive's handler with the
     plan and slot directory it reads (background: it loads and warms up at idle CPU
-    priority). Return the url to register."""
+    priority, and its workers start at idle priority where they may raise it back). Return
+    the url to register."""
     remove_version_files(run, name, version)  # a leftover of an interrupted switch
     url = make_version_dir(base_dir, run.model_store, name, version)
     dest = run.model_store / url
@@ -81,13 +83,17 @@ def prepare_version(run: RunDir, base_dir: Path, name: str, version: str, layout
         config = WorkerConfig(layout, run.slot_dir(name, version), handler, background)
         write_json(dest / WORKER_FILE, config.to_json())
         _copy_package_file(ENTRY_FILE, dest)
+        # On the workers' PYTHONPATH, so Python imports it before anything else; an archive's
+        # own sitecustomize.py is left as it is (its worker then starts at normal priority).
+        if background and not (dest / "sitecustomize.py").exists():
+            _copy_package_file(IDLE_START_FILE, dest, as_name="sitecustomize.py")
         manifest["model"]["handler"] = ENTRY_HANDLER
     write_manifest(dest, manifest)
     return url
 
 
-def _copy_package_file(name: str, dest: Path) -> None:
-    target = dest / name
+def _copy_package_file(name: str, dest: Path, as_name: str | None = None) -> None:
+    target = dest / (as_name or name)
     target.unlink(missing_ok=True)  # a hard link: never write through to the base
     with resources.as_file(resources.files(HANDLER_PACKAGE) / name) as src:
         shutil.copyfile(src, target)

@@ -17,9 +17,11 @@ A background version (a plan loaded ahead of need, into standby) imports and ini
 handler and answers Packrat's warm-up requests (WARM_UP_HEADER) on one thread of idle CPU
 priority (SCHED_IDLE), so loading it takes only CPU the live plan leaves idle: on 2 cores,
 ResNet-50's load at normal priority made the live plan's requests 5-11 times slower. Real
-requests stay on TorchServe's thread at normal priority (an unprivileged process cannot raise
-a priority back). The worker's own start (Python, torch, TorchServe's modules: ~1.5 s of CPU)
-comes before Packrat's code runs and is at normal priority.
+requests run on TorchServe's thread at normal priority. The worker's own start (Python, torch,
+TorchServe's modules: ~1.5 s of CPU) comes before this code: where the process may raise a
+priority back (an unprivileged one may not), the version's `sitecustomize.py`
+(packrat.worker.idle_start) starts it at idle priority too, and the first real request
+raises every thread to normal.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ class _Worker:
         self.lock_file = lock_file  # open for the process's lifetime: it holds the slot
         self.entry_point = None
         self.idle: ThreadPoolExecutor | None = None  # background versions: idle-priority work
+        # started at idle priority by idle_start (sitecustomize): raised on the first real request
+        self.started_idle = False
 
     @property
     def cores(self) -> tuple[int, ...]:
@@ -70,6 +74,9 @@ def handle(data, context):
         return None
     if _worker.idle is not None and _is_warm_up(context):
         return _worker.idle.submit(_worker.entry_point, data, context).result()
+    if _worker.started_idle:
+        _worker.started_idle = False
+        _normal_priority()
     return _worker.entry_point(data, context)
 
 
@@ -94,6 +101,7 @@ def _initialize(context) -> _Worker:
         raise PackratError(f"{plan.model} version {plan.version}: all {len(plan.slots)} slots "
                            "are taken; more workers than the plan has instances")
     worker = _Worker(config, *claim)
+    worker.started_idle = _policy(0) == getattr(os, "SCHED_IDLE", None)
     # Before the handler's module is imported: its top level may already start threads.
     for name in THREAD_ENV:
         os.environ[name] = str(plan.threads)
@@ -163,6 +171,26 @@ def _idle_priority(threads: int) -> None:
         except OSError as e:
             logger.warning("could not lower the load's CPU priority: %s", e)
     torch.set_num_threads(threads)  # a new thread's OpenMP settings are not the main thread's
+
+
+def _policy(tid: int) -> int | None:
+    try:
+        return os.sched_getscheduler(tid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _normal_priority() -> None:
+    """Every thread of this process that is at idle priority back to normal: the version now
+    serves real requests (its warm-up threads are idle from here on)."""
+    for task in Path("/proc/self/task").iterdir():
+        tid = int(task.name)
+        if _policy(tid) == os.SCHED_IDLE:
+            try:
+                os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+            except (ProcessLookupError, PermissionError) as e:
+                logger.warning("could not raise thread %d back to normal CPU priority: %s",
+                               tid, e)
 
 
 def _misplaced(worker: _Worker) -> str:

@@ -1,0 +1,19 @@
+"""Copied as `sitecustomize.py` into the directory of a version Packrat loads ahead of need.
+
+TorchServe starts a worker with its model directory on PYTHONPATH, so Python imports this
+file at start-up, before TorchServe's worker code and torch: about 1.5 s of CPU per worker
+that, at normal priority, slowed the live plan's requests on the same cores. It puts the main
+thread at idle CPU priority (SCHED_IDLE; threads it starts inherit it), only where the process
+may raise it back: packrat.worker.wrapper raises every thread to normal priority on the
+version's first real request.
+"""
+
+import os
+
+try:
+    from packrat.worker.priority import may_raise_back
+
+    if may_raise_back():
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+except (ImportError, AttributeError, OSError):
+    pass  # the worker starts at normal priority, as without this file
