@@ -8,18 +8,13 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from packrat.bench.multi_load import CORE_SPLIT, ModelLoad, MultiOptions
-from packrat.bench.trace import (
-    JOB_QUEUE_SIZE,
-    SERVE_START_S,
-    TIMEOUT_S,
-)
-from packrat.bench.trace_serve import Started
+from packrat.bench.trace import JOB_QUEUE_SIZE, TIMEOUT_S
+from packrat.bench.trace_serve import Started, wait_serving
 from packrat.core.plan import describe
 from packrat.errors import PackratError
 
@@ -155,31 +150,18 @@ def _packrat_server(name: str, models: Sequence[BenchModel], options: MultiOptio
             self.relay.start()
 
         def _wait_serving(self) -> None:
-            from packrat.serving.ops import status
+            def exited() -> Exception:
+                self.relay.join(5)
+                text = (self.log.read_bytes()[self.log_from:].decode(errors="replace")
+                        if self.log.is_file() else "")  # this attempt's lines
+                bad = [ln for ln in text.splitlines() if "unrecognized arguments" in ln]
+                if self.proc.returncode == 2 and bad:
+                    return UnknownFlag(f"packrat serve refused its flags ({bad[-1].strip()})")
+                return PackratError(f"{self.name}: packrat serve exited with "
+                                    f"{self.proc.returncode}; see {self.log}")
 
-            deadline = time.monotonic() + SERVE_START_S
-            while True:
-                if self.proc.poll() is not None:
-                    self.relay.join(5)
-                    text = (self.log.read_bytes()[self.log_from:].decode(errors="replace")
-                            if self.log.is_file() else "")  # this attempt's lines
-                    bad = [ln for ln in text.splitlines() if "unrecognized arguments" in ln]
-                    if self.proc.returncode == 2 and bad:
-                        raise UnknownFlag(f"packrat serve refused its flags ({bad[-1].strip()})")
-                    raise PackratError(f"{self.name}: packrat serve exited with "
-                                       f"{self.proc.returncode}; see {self.log}")
-                try:
-                    st = status(self.run.path)
-                    if (st.controller_pid == self.proc.pid and st.torchserve_pid and all(
-                            st.models.get(m.name) and st.models[m.name].version
-                            for m in models)):
-                        return
-                except PackratError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise PackratError(f"{self.name}: packrat serve did not serve every model "
-                                       f"within {SERVE_START_S:.0f} s; see {self.log}")
-                time.sleep(0.5)
+            wait_serving(self.proc, self.run.path, [m.name for m in models], self.name,
+                         self.log, exited)
 
         def watch(self):
             return self._watch()

@@ -135,6 +135,29 @@ class Started:
         raise NotImplementedError
 
 
+def wait_serving(proc: subprocess.Popen, run: Path, models: Sequence[str], who: str,
+                 log: Path, exited: Callable[[], Exception]) -> None:
+    """Until `packrat serve` (proc) serves every model named, its TorchServe up; raises
+    exited() if it exits first, PackratError after SERVE_START_S."""
+    from packrat.serving.ops import status
+
+    deadline = time.monotonic() + SERVE_START_S
+    while True:
+        if proc.poll() is not None:
+            raise exited()
+        try:
+            st = status(run)
+            if st.controller_pid == proc.pid and st.torchserve_pid and all(
+                    st.models.get(m) and st.models[m].version for m in models):
+                return
+        except PackratError:
+            pass
+        if time.monotonic() > deadline:
+            raise PackratError(f"{who}: packrat serve did not serve {', '.join(models)} "
+                               f"within {SERVE_START_S:.0f} s; see {log}")
+        time.sleep(0.5)
+
+
 class Served(Started):
     """`with Served(...) as s:` one `packrat serve` for configuration `name`, serving."""
 
@@ -208,24 +231,11 @@ class Served(Started):
                     self.tell(f"{self.name}: serve: {line.rstrip()}")
 
     def _wait_serving(self) -> None:
-        from packrat.serving.ops import status
+        def exited() -> Exception:
+            return PackratError(f"{self.name}: packrat serve exited with "
+                                f"{self.proc.returncode}; see {self.log}")
 
-        deadline = time.monotonic() + SERVE_START_S
-        while True:
-            if self.proc.poll() is not None:
-                raise PackratError(f"{self.name}: packrat serve exited with "
-                                   f"{self.proc.returncode}; see {self.log}")
-            try:
-                st = status(self.run.path)
-                m = st.models.get(self.ready.zoo)
-                if st.controller_pid == self.proc.pid and st.torchserve_pid and m and m.version:
-                    return
-            except PackratError:
-                pass
-            if time.monotonic() > deadline:
-                raise PackratError(f"{self.name}: packrat serve did not serve "
-                                   f"{self.ready.zoo} within {SERVE_START_S:.0f} s; see {self.log}")
-            time.sleep(0.5)
+        wait_serving(self.proc, self.run.path, [self.ready.zoo], self.name, self.log, exited)
 
     def stop(self) -> None:
         """`packrat stop`; then whatever is left of this serve and its TorchServe."""
