@@ -162,6 +162,19 @@ def test_a_background_worker_starts_at_idle_priority_where_it_may_raise_it_back(
     assert got["main"] == os.SCHED_OTHER and got["idle_threads_after"] == 0
 
 
+def test_the_idle_start_runs_the_sitecustomize_it_shadows(tmp_path):
+    ours, theirs = tmp_path / "version", tmp_path / "site"
+    ours.mkdir()
+    theirs.mkdir()
+    shutil.copyfile(Path(wrapper.__file__).with_name(IDLE_START_FILE), ours / "sitecustomize.py")
+    (theirs / "sitecustomize.py").write_text("import os\nos.environ['THEIRS_RAN'] = '1'\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ours), str(theirs)])}
+    out = subprocess.run([sys.executable, "-c", "import os; print(os.environ.get('THEIRS_RAN'))"],
+                         capture_output=True, text=True, timeout=60, env=env, cwd=ours)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1"
+
+
 def test_a_live_version_loads_and_warms_up_at_normal_priority(tmp_path):
     got = _run_watch(tmp_path, background=False)
     normal = {"policy": os.SCHED_OTHER, "threads": 1}
