@@ -12,7 +12,9 @@ from packrat.model.archive import build_zoo_archive, extract_archive
 from packrat.model.sample import Sample
 from packrat.serving.rundir import RunDir
 from packrat.serving.versions import check_workers, prepare_version, warm_version
-from packrat.torchserve import Ports, ServerSettings, TorchServeClient, server_processes, start_server, stop_server
+from packrat.torchserve import (
+    Ports, ServerSettings, TorchServeClient, server_processes, start_server, stop_server,
+)
 from packrat.worker.priority import may_raise_back
 from tests.conftest import TORCHSERVE, has_torchserve, require_now
 from tests.serving import CORES, wait_for

@@ -5,18 +5,20 @@ and delegates every call untouched."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
-import shutil
 import textwrap
 from pathlib import Path
 
+import packrat.worker
 from packrat.core.plan import ServedPlan
 from packrat.measure.cpus import usable_cores
 from packrat.model.spec import IDLE_START_FILE, WORKER_FILE
-from packrat.worker import wrapper
 from packrat.worker.priority import may_raise_back
 from packrat.worker.slots import WorkerConfig
+
+IDLE_START = Path(packrat.worker.__file__).with_name(IDLE_START_FILE)  # as installed
 
 GREEDY_HANDLER = '''
 import os
@@ -45,7 +47,6 @@ sys.path.insert(0, sys.argv[1])  # TorchServe puts the model directory on the pa
 from ts.context import Context
 import torch
 from packrat.worker import wrapper
-from packrat.worker.priority import may_raise_back
 
 ctx = Context("m", sys.argv[1], {"model": {"modelName": "m"}}, 1, None, "0.12.0")
 assert wrapper.handle(None, ctx) is None
@@ -107,7 +108,6 @@ started = os.sched_getscheduler(0)  # after sitecustomize, before anything of Pa
 sys.path.insert(0, sys.argv[1])
 from ts.context import Context, RequestProcessor
 from packrat.worker import wrapper
-from packrat.worker.priority import may_raise_back
 
 ctx = Context("m", sys.argv[1], {"model": {"modelName": "m"}}, 1, None, "0.12.0")
 assert wrapper.handle(None, ctx) is None
@@ -133,8 +133,7 @@ def _run_watch(tmp_path, background: bool, idle_start: bool = False) -> dict:
     (vdir / WORKER_FILE).write_text(json.dumps(config.to_json()))
     env = dict(os.environ)
     if idle_start:
-        shutil.copyfile(Path(wrapper.__file__).with_name(IDLE_START_FILE),
-                        vdir / "sitecustomize.py")
+        shutil.copyfile(IDLE_START, vdir / "sitecustomize.py")
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(vdir), env.get("PYTHONPATH")]))
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(BACKGROUND_WORKER), str(vdir)],
                          capture_output=True, text=True, timeout=120, env=env)
@@ -166,7 +165,7 @@ def test_the_idle_start_runs_the_sitecustomize_it_shadows(tmp_path):
     ours, theirs = tmp_path / "version", tmp_path / "site"
     ours.mkdir()
     theirs.mkdir()
-    shutil.copyfile(Path(wrapper.__file__).with_name(IDLE_START_FILE), ours / "sitecustomize.py")
+    shutil.copyfile(IDLE_START, ours / "sitecustomize.py")
     (theirs / "sitecustomize.py").write_text("import os\nos.environ['THEIRS_RAN'] = '1'\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ours), str(theirs)])}
     out = subprocess.run([sys.executable, "-c", "import os; print(os.environ.get('THEIRS_RAN'))"],

@@ -101,7 +101,7 @@ def _initialize(context) -> _Worker:
         raise PackratError(f"{plan.model} version {plan.version}: all {len(plan.slots)} slots "
                            "are taken; more workers than the plan has instances")
     worker = _Worker(config, *claim)
-    worker.started_idle = _policy(0) == getattr(os, "SCHED_IDLE", None)
+    worker.started_idle = hasattr(os, "SCHED_IDLE") and _policy(0) == os.SCHED_IDLE
     # Before the handler's module is imported: its top level may already start threads.
     for name in THREAD_ENV:
         os.environ[name] = str(plan.threads)
