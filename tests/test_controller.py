@@ -85,7 +85,7 @@ class FakeTorchServe:
             self.latency_us[m] = self.latency_us.get(m, 0.0) + load * 1e6 * dt
 
     def register(self, url, *, model_name, batch_size, max_batch_delay_ms, initial_workers,
-                 response_timeout_s=120):
+                 response_timeout_s=120, wait=True):
         self.calls.append(("register", model_name, url))
         if self.fail_register is not None:
             error, self.fail_register = self.fail_register, None

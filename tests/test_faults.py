@@ -17,6 +17,7 @@ from packrat.core.policy import manual_plan
 from packrat.core.profile import read_profile
 from packrat.errors import TorchServeError
 from packrat.measure.loadgen import ClosedLoop
+from packrat.model.spec import WORKER_FILE
 from packrat.model.archive import build_zoo_archive, extract_archive
 from packrat.model.sample import Sample
 from packrat.serving.controller import Controller, ControllerParams, ModelRuntime
@@ -174,13 +175,18 @@ class FaultyClient(TorchServeClient):
     """The real client, with one management call made to fail the way TorchServe can."""
 
     fault: str = ""
+    store = None  # the model store, where the versions' directories are
 
     def register(self, url, **kw):
         if self.fault == "refused":  # TorchServe refuses it: no such model directory
             return super().register("no-such-model-dir", **kw)
-        if self.fault == "timeout":  # the workers do not start in time for the caller
-            return super().register(url, **{**kw, "timeout_s": 0.05})
-        return super().register(url, **kw)
+        if self.fault == "load":  # its workers fail to start: their handler does not import
+            config = self.store / url / WORKER_FILE
+            config.write_text(json.dumps({**json.loads(config.read_text()),
+                                          "handler": "no_such_handler_module"}))
+        super().register(url, **kw)
+        if self.fault == "timeout":  # TorchServe took it, but its answer came too late
+            raise TorchServeError("POST /models -> no answer in 300 s (injected)")
 
     def set_default(self, name, version):
         if self.fault == "500":
@@ -200,6 +206,7 @@ def live(tmp_path_factory):
     server = start_server(settings)
     try:
         client = FaultyClient(load_settings(run.torchserve))
+        client.store = run.model_store
         controller = Controller(run, client, ControllerParams(interval_s=0.5))
         base = extract_archive(mar, run.path / "archives" / "small-cnn")
         body = (tmp / "archives" / "small-cnn.example.json").read_bytes()
@@ -214,7 +221,7 @@ def live(tmp_path_factory):
         assert find_server(run.torchserve) is None
 
 
-@pytest.mark.parametrize("fault", ["refused", "timeout", "500"])
+@pytest.mark.parametrize("fault", ["refused", "load", "timeout", "500"])
 def test_failed_switch_rolls_back_and_loses_nothing(live, fault):
     controller, m, body = live
     client = controller.client
@@ -233,6 +240,9 @@ def test_failed_switch_rolls_back_and_loses_nothing(live, fault):
     print(f"{fault}: {result.message}; {answered.answered} requests answered meanwhile")
     assert not result.ok
     assert f"version {old.version} ({old.describe()}) keeps serving" in result.message
+    if fault == "load":  # the worker's own reason, not a timeout
+        assert "a worker failed to start" in result.message
+        assert "no_such_handler_module" in result.message
     assert m.plan == old and m.last_error == result.message
     # the failed version is gone from TorchServe and from the run directory; the old serves
     wait_for(lambda: [v.version for v in client.versions(m.name)] == [old.version],

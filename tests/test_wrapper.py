@@ -16,7 +16,7 @@ from packrat.core.plan import ServedPlan
 from packrat.measure.cpus import usable_cores
 from packrat.model.spec import IDLE_START_FILE, WORKER_FILE
 from packrat.worker.priority import may_raise_back
-from packrat.worker.slots import WorkerConfig
+from packrat.worker.slots import WorkerConfig, read_failure
 
 IDLE_START = Path(packrat.worker.__file__).with_name(IDLE_START_FILE)  # as installed
 
@@ -80,6 +80,33 @@ def test_the_entry_point_pins_before_import_resets_after_initialize_and_delegate
     assert (vdir / ".packrat-slots" / "0.lock").is_file()
     if os.cpu_count() > 1:  # the handler could take more than its slot: it was told
         assert "the handler's initialize changed" in out.stderr
+
+
+FAILING_HANDLER = '''
+class Failing:
+    def initialize(self, context):
+        raise RuntimeError("weights missing: /nowhere/model.pt")
+
+    def handle(self, data, context):
+        return data
+'''
+
+
+def test_a_worker_that_cannot_start_writes_why_for_packrat(tmp_path):
+    """TorchServe does not answer a registration made without waiting with the workers'
+    failure (it retries them): the slot directory says why instead, for check_workers."""
+    plan = ServedPlan("m", "1", 1, 1, 1, ((usable_cores()[-1],),), 1.0, 1)
+    vdir = tmp_path / "m-v1"
+    vdir.mkdir()
+    (vdir / "failing_handler.py").write_text(FAILING_HANDLER)
+    slots = vdir / ".packrat-slots"
+    assert read_failure(slots) is None
+    (vdir / WORKER_FILE).write_text(json.dumps(
+        WorkerConfig(plan, slots, "failing_handler").to_json()))
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(WORKER), str(vdir)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "weights missing" in out.stderr  # TorchServe's log too
+    assert read_failure(slots) == "RuntimeError: weights missing: /nowhere/model.pt"
 
 
 POLICY_HANDLER = '''

@@ -3,9 +3,11 @@ each tick without ever blocking its loop.
 
 The steps (make-before-break; see packrat.serving.versions for each):
 1. PREPARING: the new version's directory, plan and slot directory;
-2. REGISTERING: TorchServe starts its workers; each claims a slot and pins itself to that
-   slot's cores before the model loads;
-3. STARTING: every worker is up and holds its slot on the right cores;
+2. REGISTERING: TorchServe accepts the version and starts its workers (the call does not wait
+   for them: TorchServe would hold serving connections meanwhile); each claims a slot and
+   pins itself to that slot's cores before the model loads;
+3. STARTING: every worker is up and holds its slot on the right cores, or one wrote why it
+   failed to start;
 4. WARMING: full batches sent to the new version explicitly;
 5. PROMOTING: set-default: new requests go to it (the switch has succeeded from here);
 6. DRAINING: wait until the old version has nothing queued or running (packrat.core.drain);
@@ -38,7 +40,7 @@ from packrat.errors import PackratError, TorchServeError
 from packrat.model.sample import Sample
 from packrat.serving.rundir import RunDir
 from packrat.serving.versions import (
-    WORKERS_TIMEOUT_S,
+    STARTUP_TIMEOUT_S,
     check_workers,
     prepare_version,
     remove_version_files,
@@ -82,6 +84,7 @@ class SwitchSettings:
     drain_timeout_s: float
     poll_s: float = 0.05       # between two looks at a draining version or starting workers
     response_timeout_s: int = 120
+    startup_timeout_s: float = STARTUP_TIMEOUT_S  # register -> every worker up on its slot
 
 
 @dataclass(frozen=True)
@@ -257,13 +260,13 @@ class Switch(Task):
                               batch_size=plan.batch_size,
                               max_batch_delay_ms=s.max_batch_delay_ms,
                               initial_workers=plan.instances,
-                              response_timeout_s=s.response_timeout_s)
+                              response_timeout_s=s.response_timeout_s, wait=False)
         self.phase = Phase.STARTING
-        deadline = ctx.clock() + WORKERS_TIMEOUT_S
+        deadline = ctx.clock() + s.startup_timeout_s
         while not (check := (yield from self._call(
                 check_workers, ctx.run, ctx.client, name, plan.version, plan))).ready:
-            if ctx.clock() > deadline:
-                raise check.timeout_error(ctx.run)
+            if check.failed or ctx.clock() > deadline:
+                raise check.error(ctx.run, s.startup_timeout_s)
             yield from self._pause(s.poll_s)
         self.phase = Phase.WARMING
         yield from self._call(warm_version, ctx.client, name, plan.version,

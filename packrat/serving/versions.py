@@ -34,9 +34,13 @@ from packrat.torchserve.versiondir import (
     write_manifest,
     write_model_config,
 )
-from packrat.worker.slots import WorkerConfig
+from packrat.worker.slots import WorkerConfig, read_failure
 
-WORKERS_TIMEOUT_S = 30.0  # from a READY registration to every worker pinned on its slot
+# From registering a version (without waiting: TorchServeClient.register) to every worker up
+# and pinned on its slot. A version loaded ahead of need starts at idle priority, so on busy
+# cores it takes as long as the live plan leaves CPU idle; a worker that fails to start says
+# so at once (read_failure), so only a hung start waits this long.
+STARTUP_TIMEOUT_S = 300.0
 
 
 def deploy_version(run: RunDir, client: TorchServeClient, base_dir: Path, name: str,
@@ -48,13 +52,16 @@ def deploy_version(run: RunDir, client: TorchServeClient, base_dir: Path, name: 
     controller runs the same steps one at a time without blocking (packrat.serving.switch)."""
     url = prepare_version(run, base_dir, name, version, layout,
                           max_batch_delay_ms=max_batch_delay_ms)
+    # An unpinned version runs TorchServe's own worker code, which cannot report a failed
+    # start: wait for TorchServe's answer then (benchmarks register those before measuring).
     client.register(url, model_name=name, batch_size=layout.batch_size,
                     max_batch_delay_ms=max_batch_delay_ms, initial_workers=layout.instances,
-                    response_timeout_s=response_timeout_s)
-    deadline = clock() + WORKERS_TIMEOUT_S
+                    response_timeout_s=response_timeout_s,
+                    wait=not isinstance(layout, ServedPlan))
+    deadline = clock() + STARTUP_TIMEOUT_S
     while not (check := check_workers(run, client, name, version, layout)).ready:
-        if clock() > deadline:
-            raise check.timeout_error(run)
+        if check.failed or clock() > deadline:
+            raise check.error(run, STARTUP_TIMEOUT_S)
         sleep(0.1)
     warm_version(client, name, version, layout.instances * layout.batch_size, warm)
 
@@ -107,19 +114,27 @@ class WorkerCheck:
     slots: int
     expected: int
     ready: bool
+    failed: str | None = None  # why a worker could not start (it wrote so in its slot dir)
 
-    def timeout_error(self, run: RunDir) -> PackratError:
+    def error(self, run: RunDir, waited_s: float) -> PackratError:
+        """What went wrong: a worker's failure, or a start not done in waited_s."""
+        logs = run.torchserve / "logs"
+        if self.failed:
+            return PackratError(f"{self.name} version {self.version}: a worker failed to "
+                                f"start: {self.failed}; see {logs}")
         return PackratError(
             f"{self.name} version {self.version}: {self.workers} workers and {self.slots} "
-            f"claimed slots, {self.expected} expected; see {run.torchserve / 'logs'}")
+            f"claimed slots after {waited_s:.0f} s, {self.expected} expected; see {logs}")
 
 
 def check_workers(run: RunDir, client: TorchServeClient, name: str, version: str,
                   layout: Layout) -> WorkerCheck:
     """Is every worker up, and does a pinned one hold a slot and run on that slot's cores
-    only? Raises PackratError if a worker runs elsewhere."""
+    only (and if not, did one fail to start)? Raises PackratError if a worker runs
+    elsewhere."""
     info = [v for v in client.versions(name) if v.version == version]
-    pids = {w.pid for v in info for w in v.workers if w.pid}
+    # READY: the model is loaded (a starting worker has a pid, and its slot, before that)
+    pids = {w.pid for v in info for w in v.workers if w.pid and w.status == "READY"}
     pinned = isinstance(layout, ServedPlan)
     instances = layout.instances
     slots = run.slot_pids(name, version) if pinned else {}
@@ -135,7 +150,8 @@ def check_workers(run: RunDir, client: TorchServeClient, name: str, version: str
             if cores != sorted(layout.slots[k]):
                 raise PackratError(f"{name} version {version}: worker {pid} runs on cores "
                                    f"{cores}, its slot {k} is {list(layout.slots[k])}")
-    return WorkerCheck(name, version, len(pids), len(slots), instances, ready)
+    failed = read_failure(run.slot_dir(name, version)) if pinned and not ready else None
+    return WorkerCheck(name, version, len(pids), len(slots), instances, ready, failed)
 
 
 def warm_version(client: TorchServeClient, name: str, version: str, n: int,

@@ -134,19 +134,27 @@ class TorchServeClient:
         initial_workers: int,
         response_timeout_s: int = 120,
         timeout_s: float = 300,
+        wait: bool = True,
     ) -> None:
         """Register a version from url (a .mar or directory name in the model store) and
-        return once its initial workers are READY (synchronous=true)."""
+        return once its initial workers are READY (synchronous=true), or with wait=False as
+        soon as TorchServe has accepted it and starts them. TorchServe 0.12 answers a
+        synchronous register on one of the request threads that also serve the inference
+        API, blocked until the workers are up: every connection on that thread waits as
+        long (measured: live requests held 1.5-2 s while a small model's standby version
+        started). A caller that must not disturb serving passes wait=False and watches the
+        workers itself."""
         params = {
             "url": url,
             "model_name": model_name,
             "batch_size": batch_size,
             "max_batch_delay": max_batch_delay_ms,
             "initial_workers": initial_workers,
-            "synchronous": "true",
+            "synchronous": "true" if wait else "false",
             "response_timeout": response_timeout_s,
         }
-        self._checked("management", "POST", "/models", params=params, timeout=timeout_s)
+        self._checked("management", "POST", "/models", params=params, timeout=timeout_s,
+                      ok=(200,) if wait else (200, 202))
         logger.info(
             "registered %s from %s: batch_size=%d max_batch_delay=%d ms workers=%d",
             model_name, url, batch_size, max_batch_delay_ms, initial_workers,

@@ -63,3 +63,32 @@ def claim_slot(slot_dir: Path, slots: int):
         fh.flush()
         return k, fh
     return None
+
+
+# A worker that fails to start writes why here: Packrat registers versions without waiting
+# (a synchronous register holds one of TorchServe's request threads until the workers are up,
+# and every connection on that thread waits with it), so this is how it learns of a failure
+# at once, where TorchServe itself would retry the worker with back-off.
+FAILURE_FILE = "failed.txt"
+
+
+def record_failure(slot_dir: Path, error: BaseException) -> None:
+    """Note for Packrat why this worker could not start (best effort: the error itself still
+    goes to TorchServe's log)."""
+    text = " ".join(f"{type(error).__name__}: {error}".split())[:500]
+    try:
+        d = Path(slot_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f".{FAILURE_FILE}.{os.getpid()}"
+        tmp.write_text(text)
+        tmp.replace(d / FAILURE_FILE)
+    except OSError:
+        pass
+
+
+def read_failure(slot_dir: Path) -> str | None:
+    """Why a worker of the version failed to start, if one did."""
+    try:
+        return (Path(slot_dir) / FAILURE_FILE).read_text().strip() or "unknown error"
+    except OSError:
+        return None

@@ -35,7 +35,12 @@ from pathlib import Path
 from packrat.errors import PackratError
 from packrat.measure.cpus import pin_process
 from packrat.model.spec import WARM_UP_HEADER
-from packrat.worker.slots import WorkerConfig, claim_slot, read_worker_config
+from packrat.worker.slots import (
+    WorkerConfig,
+    claim_slot,
+    read_worker_config,
+    record_failure,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +94,15 @@ def _is_warm_up(context) -> bool:
 
 
 def _initialize(context) -> _Worker:
-    model_dir = Path(context.system_properties["model_dir"])
-    config = read_worker_config(model_dir)
+    config = read_worker_config(Path(context.system_properties["model_dir"]))
+    try:
+        return _start(config, context)
+    except Exception as e:
+        record_failure(config.slot_dir, e)
+        raise
+
+
+def _start(config: WorkerConfig, context) -> _Worker:
     plan = config.plan
     for _ in range(CLAIM_TRIES):
         claim = claim_slot(config.slot_dir, len(plan.slots))
