@@ -401,3 +401,27 @@ def test_a_passing_queue_the_live_plan_keeps_up_with_does_not_force_a_cold_switc
     assert not any(isinstance(a, SwitchTo) for a in actions), actions
     (switch,) = decide([view(**{**calm.__dict__, "rate": 300.0})], 1000.0, PolicyParams(), 0.0)
     assert isinstance(switch, SwitchTo) and not switch.warm and "several rounds" in switch.why
+
+
+def test_an_overload_takes_the_plan_that_keeps_up_where_the_plan_for_b_would_not():
+    # small-cnn's calibrated profile on 2 cores: the plan for the largest B, 2x<t=1,b=32>,
+    # serves 547 requests/s; 2x<t=1,b=8>, a plan for a smaller B, 685/s
+    table = {1: {1: 4.2, 2: 7.4, 4: 13.8, 8: 23.4, 16: 56.8, 32: 117.0},
+             2: {1: 3.6, 2: 6.0, 4: 11.0, 8: 21.0, 16: 45.0, 32: 95.0}}
+    opt = Optimizer(Profile(tuple(ProfilePoint(t, b, x) for t, r in table.items()
+                                  for b, x in r.items())), 2)
+    cores = (0, 1)
+    live = plan_for_batch(opt, "m", "1", 64, cores)
+    assert live.describe() == "2x<t=1,b=32>" and capacity_rps(opt, live) == pytest.approx(547, abs=1)
+    levels = LevelHistory(300, 999.0, (20.0,) * 5)
+    over = ModelView("m", opt, cores, live, True, 300, False, 0.0, 2, levels=levels,
+                     load=300.0, rate=560.0, peak_rate=560.0)
+    (action,) = decide([over], 1000.0, PolicyParams(), 10.0)
+    assert isinstance(action, SwitchTo) and not action.warm
+    assert action.plan.describe() == "2x<t=1,b=8>" and action.plan.for_batch == 300
+    assert "queue grows" in action.why
+    # where the plan for B keeps up with the arrivals, it stays the target
+    calm = ModelView(**{**over.__dict__, "rate": 400.0, "peak_rate": 400.0,
+                        "plan": plan_for_batch(opt, "m", "1", 1, cores)})
+    (action,) = decide([calm], 1000.0, PolicyParams(), 10.0)
+    assert action.plan.describe() == "2x<t=1,b=32>"
