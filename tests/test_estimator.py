@@ -285,3 +285,15 @@ def test_rate_is_an_ewma_of_arrivals_per_second():
     assert s.rate == 10.0
     s = observe(s, Sample(3.0, 50.0, 2e6))  # 40 in 2 s: 20/s, weighed by alpha
     assert s.rate == pytest.approx(P.alpha * 20.0 + (1 - P.alpha) * 10.0)
+
+
+def test_sure_rate_is_the_last_interval_less_two_sigma_of_poisson_noise():
+    s = observe(EstimatorState(), Sample(0.0, 0.0, 0.0))
+    s = observe(s, Sample(1.0, 106.0, 1e6))
+    s = observe(s, Sample(2.0, 106.0 + 548.0, 2e6))  # one second into a burst of 548/s
+    assert s.sure_rate == pytest.approx(548 - 2 * math.sqrt(548))  # 501/s
+    assert s.rate < 300  # the EWMA has a quarter of the way
+    s = observe(s, Sample(4.0, 654.0 + 26.0, 3e6))  # ResNet-50's 13/s over 2 s
+    assert s.sure_rate == pytest.approx((26 - 2 * math.sqrt(26)) / 2)  # 7.9/s
+    s = observe(s, Sample(5.0, 680.0, 4e6))  # nothing arrived
+    assert s.sure_rate == 0.0

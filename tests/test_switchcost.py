@@ -425,3 +425,17 @@ def test_an_overload_takes_the_plan_that_keeps_up_where_the_plan_for_b_would_not
                         "plan": plan_for_batch(opt, "m", "1", 1, cores)})
     (action,) = decide([calm], 1000.0, PolicyParams(), 10.0)
     assert action.plan.describe() == "2x<t=1,b=32>"
+
+
+def test_an_overload_rescue_sees_a_burst_by_the_sure_rate_before_the_ewma_does():
+    live = manual_plan(OPT, "m", "1", 1, 4, 1, CORES)  # 250 requests/s
+    levels = LevelHistory(6, 999.0, (20.0,) * 5)
+    start = view(plan=live, estimate=6, load=6.0, rate=180.0, levels=levels,
+                 warm_shapes=frozenset({(4, 1, 4)}))
+    # 180/s by the EWMA: under 90% of the live plan's 250/s, no overload yet
+    assert not any(getattr(a, "reason", None) is Reason.OVERLOAD
+                   for a in decide([start], 1000.0, PolicyParams(), 10.0))
+    (action,) = decide([view(**{**start.__dict__, "sure_rate": 300.0})], 1000.0,
+                       PolicyParams(), 10.0)
+    assert action.reason is Reason.OVERLOAD and shape_of(action.plan) == (4, 1, 4)
+    assert "overloaded: 300.0 requests/s arrive" in action.why

@@ -57,6 +57,7 @@ class ModelView:
     wake_plan: ServedPlan | None = None
     slow_rate: float | None = None  # a slower average of the arrivals (estimator.SLOW_ALPHA)
     peak_rate: float | None = None  # the highest `rate` of the last PEAK_WINDOW_S
+    sure_rate: float | None = None  # a rate the last interval's arrivals surely exceeded
 
 
 class Reason(Enum):
@@ -270,7 +271,9 @@ def _overload_rescue(m: ModelView, standby: list[ServedPlan]) -> SwitchTo | None
     capacity further while the queue grows."""
     if m.plan is None or m.rate is None or not standby:
         return None
-    opt, rate = m.optimizer, m.rate
+    opt = m.optimizer
+    # (the sure rate sees a burst an interval in; the EWMA, several: it is only the start)
+    rate = max(m.rate, m.sure_rate or 0.0)
     live_rps = capacity_rps(opt, m.plan)
     load = m.load if m.load is not None else m.estimate
     if rate <= OVERLOAD_UTILIZATION * live_rps or load <= m.plan.instances * m.plan.batch_size:
@@ -287,7 +290,7 @@ def _overload_rescue(m: ModelView, standby: list[ServedPlan]) -> SwitchTo | None
     else:
         pick = max(more, key=lambda p: capacity_rps(opt, p))
     return SwitchTo(pick, Reason.OVERLOAD, warm=True,
-                    why=f"overloaded: {m.rate:.1f} requests/s arrive, {m.plan.describe()} "
+                    why=f"overloaded: {rate:.1f} requests/s arrive, {m.plan.describe()} "
                         f"serves at most {live_rps:.1f}/s, {pick.describe()} "
                         f"{capacity_rps(m.optimizer, pick):.1f}/s (in standby)")
 

@@ -153,7 +153,8 @@ class Controller(Watchdog):
                           self.standby.shapes(m.name, m.cores), m.estimator.smoothed,
                           m.estimator.rate, self.budget.note(m, self.models),
                           any(s.model == m.name for s in self.draining),
-                          ahead.get(m.name), m.estimator.slow_rate, m.peak_rate())
+                          ahead.get(m.name), m.estimator.slow_rate, m.peak_rate(),
+                          m.estimator.sure_rate)
                 for m in self.models.values()]
 
     def carry_out(self, actions: list[Action]) -> None:
