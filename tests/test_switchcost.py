@@ -5,9 +5,8 @@ import math
 
 import pytest
 
-from packrat.core.decide import (
-    ModelView, Reason, Stay, SwitchTo, decide, most_capacity, prewarm,
-)
+from packrat.core.ahead import most_capacity, prewarm
+from packrat.core.decide import ModelView, Reason, Stay, SwitchTo, decide
 from packrat.core.optimizer import Optimizer
 from packrat.core.policy import (
     PolicyParams, capacity_rps, manual_plan, plan_for_batch, queued_latency_ms, switch_verdict,
@@ -439,3 +438,22 @@ def test_an_overload_rescue_sees_a_burst_by_the_sure_rate_before_the_ewma_does()
                        PolicyParams(), 10.0)
     assert action.reason is Reason.OVERLOAD and shape_of(action.plan) == (4, 1, 4)
     assert "overloaded: 300.0 requests/s arrive" in action.why
+
+
+def test_an_overload_takes_no_cold_plan_of_little_more_capacity_than_the_live_one():
+    # ResNet-50's calibrated profile on 2 cores: the live 1x<t=2,b=1> serves 15.1/s; the plan
+    # for the rate, 2x<t=1,b=1>, 16.8/s (11% more: a cold switch to it took 8.6 s mid-burst
+    # and p99 reached 24 s); the plan for B = 12, 2x<t=1,b=6>, less than the live one
+    table = {1: {1: 119.2, 2: 248.8, 4: 484.3, 8: 885.7, 16: 2300.0, 32: 5700.0},
+             2: {1: 66.4, 2: 140.0, 4: 270.0, 8: 565.7, 16: 1500.0, 32: 3600.0}}
+    opt = Optimizer(Profile(tuple(ProfilePoint(t, b, x) for t, r in table.items()
+                                  for b, x in r.items())), 2)
+    cores = (0, 1)
+    live = plan_for_batch(opt, "m", "1", 1, cores)
+    assert live.describe() == "1x<t=2,b=1>"
+    assert capacity_rps(opt, plan_for_batch(opt, "m", "2", 2, cores)) < 1.15 * capacity_rps(
+        opt, live)
+    levels = LevelHistory(12, 999.0, (20.0,) * 5)
+    over = ModelView("m", opt, cores, live, True, 12, False, 0.0, 2, levels=levels,
+                     load=12.0, rate=14.5, peak_rate=14.5)
+    assert not any(isinstance(a, SwitchTo) for a in decide([over], 1000.0, PolicyParams(), 10.0))

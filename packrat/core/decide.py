@@ -216,7 +216,9 @@ def _for_the_arrivals(m: ModelView, target: ServedPlan, delay_ms: float) -> Serv
     the profile serves, and the plan for a larger batch may serve fewer requests per second:
     on bursty small-cnn traffic the plan for B = 64, 2x<t=1,b=32> (547 requests/s by its
     calibrated profile), took bursts of 548/s without a way out, while 2x<t=1,b=8> serves
-    685/s: p99 114 s, 2,915 requests dropped."""
+    685/s: p99 114 s, 2,915 requests dropped. Only a plan of RESCUE_CAPACITY times the live
+    plan's capacity, as for the overload rescue: on bursty ResNet-50 traffic a cold switch
+    to one of 11% more (2x<t=1,b=1>) took 8.6 s mid-burst, and p99 reached 24 s."""
     if m.rate is None or m.plan is None or _live_keeps_up(m):
         return target
     opt = m.optimizer
@@ -225,7 +227,8 @@ def _for_the_arrivals(m: ModelView, target: ServedPlan, delay_ms: float) -> Serv
         return target
     by_rate = plan_for_batch(opt, m.name, target.version, batch_for_rate(opt, rate, m.cores),
                              m.cores)
-    if capacity_rps(opt, by_rate) <= capacity_rps(opt, target):
+    more = capacity_rps(opt, by_rate)
+    if more <= capacity_rps(opt, target) or more < RESCUE_CAPACITY * capacity_rps(opt, m.plan):
         return target
     return plan_of_shape(opt, m.name, target.version, shape_of(by_rate), m.estimate, m.cores,
                          delay_ms)
@@ -371,88 +374,3 @@ def decide_request(models: list[ModelView], request: Reconfigure, now: float,
                 Answer(request.id, True, f"{view.name} already serves {plan.describe()}",
                        view.plan)]
     return [SwitchTo(plan, Reason.MANUAL, request_id=request.id)]
-
-
-# Ahead of need: a settled model whose load leaves its cores headroom gets the plans of the
-# neighbouring batch sizes loaded into standby, so that the next change is warm too.
-PREWARM_SETTLED_S = 10.0    # the estimate has held this long
-PREWARM_UTILIZATION = 0.5   # at most this share of the live plan's batch capacity in use
-
-
-def prewarm(m: ModelView, now: float) -> SwitchTo | None:
-    """A plan to load into standby for m, or None: its plan if an idle model woke up
-    (m.wake_plan: a busy model's cold shrink would also keep that model waiting, an idle
-    model's cold switch would queue its rising load; the only plan loaded for such a model,
-    while it keeps up with the arrivals); else the plans of most capacity (what an overload
-    needs, when loading it cold would cost most), then the plans for 2B and B/2 (the next
-    levels the estimator reports), while it uses at most half its live plan's capacity and
-    its B has settled. Never one live or already warm; only under automatic control (an idle
-    model on the shared core only its wake plan) and with no old version draining. The
-    caller checks that it fits the standby budget without evicting anything."""
-    if m.switching or m.draining or now < m.hold_until or m.plan is None:
-        return None
-    if not m.auto and m.wake_plan is None:
-        return None
-    live = shape_of(m.plan)
-    load = m.load if m.load is not None else m.estimate
-    held = m.plan.instances * m.plan.batch_size
-    keeps_up = (load <= held if m.rate is None
-                else m.rate <= OVERLOAD_UTILIZATION * capacity_rps(m.optimizer, m.plan))
-    # (the wake plan does not wait for B to settle: B wavering between 1 and 2 kept
-    # ResNet-50 from loading its shrink plan for a whole phase; it is loaded once, see
-    # CoreBudget)
-    wake = m.wake_plan
-    if (wake is not None and keeps_up and shape_of(wake) != live
-            and shape_of(wake) not in m.warm_shapes):
-        cores = ",".join(map(str, sorted({c for s in wake.slots for c in s})))
-        return SwitchTo(wake, Reason.PREWARM,
-                        why=f"ahead of need: its plan on cores {cores} if "
-                            f"{'an idle model' if m.auto else 'it'} wakes up")
-    if not m.auto:
-        return None
-    settled = m.levels.since is not None and now - m.levels.since >= PREWARM_SETTLED_S
-    if wake is not None or not settled or load > PREWARM_UTILIZATION * held:
-        # (a model that would give cores up loads nothing else on them: a long load would
-        # hold up the woken model's cores)
-        return None
-    version = str(m.next_version)
-    # (one the overload rescue would not take, for too little capacity over the live plan's,
-    # is not worth its memory and its load)
-    rescue_rps = RESCUE_CAPACITY * capacity_rps(m.optimizer, m.plan)
-    candidates = [(p, "a plan of the most capacity, for an overload")
-                  for p in (most_capacity(m.optimizer, m.name, version, m.cores),
-                            most_capacity(m.optimizer, m.name, version, m.cores, within=0.9))
-                  if p is not None and capacity_rps(m.optimizer, p) >= rescue_rps]
-    for batch in (2 * m.estimate, m.estimate // 2):
-        if not 1 <= batch <= m.optimizer.max_servable:
-            continue
-        try:
-            plan = plan_for_batch(m.optimizer, m.name, str(m.next_version), batch, m.cores)
-        except PlanError:
-            continue
-        candidates.append((plan, f"the plan for B={batch}"))
-    for plan, what in candidates:
-        if shape_of(plan) != live and shape_of(plan) not in m.warm_shapes:
-            return SwitchTo(plan, Reason.PREWARM, why=f"ahead of need: {what}")
-    return None
-
-
-def most_capacity(opt: Optimizer, model: str, version: str, cores: tuple[int, ...],
-                  within: float = 0.95) -> ServedPlan | None:
-    """Of the plans for B = 1, 2, 4, ... up to the most the profile serves, the one that
-    serves most requests per second (capacity_rps); among those within `within` of it, the
-    one of least latency. None where no plan serves. (Prewarmed at 95% and at 90%: the
-    second is often much faster and keeps up with all but the highest rates.)"""
-    plans = []
-    batch = 1
-    while batch <= opt.max_servable:
-        try:
-            plans.append(plan_for_batch(opt, model, version, batch, cores))
-        except PlanError:
-            pass
-        batch *= 2
-    if not plans:
-        return None
-    top = max(capacity_rps(opt, p) for p in plans)
-    return min((p for p in plans if capacity_rps(opt, p) >= within * top),
-               key=lambda p: p.predicted_ms)

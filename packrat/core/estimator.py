@@ -136,8 +136,9 @@ def observe(
     # latency completed per request arrived: the mean request latency once the load is steady
     request_s = ((sample.latency_us - last.latency_us) / 1e6 / arrived if arrived
                  else state.request_s)
-    per_s = arrived / (sample.time_s - last.time_s)
-    sure_rate = max(0.0, arrived - 2 * math.sqrt(max(0.0, arrived))) / (sample.time_s - last.time_s)
+    dt = sample.time_s - last.time_s
+    per_s = arrived / dt
+    sure_rate = max(0.0, arrived - 2 * math.sqrt(max(0.0, arrived))) / dt
     rate = per_s if state.rate is None else params.alpha * per_s + (1 - params.alpha) * state.rate
     slow_rate = (per_s if state.slow_rate is None
                  else SLOW_ALPHA * per_s + (1 - SLOW_ALPHA) * state.slow_rate)

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import replace
 
+from packrat.core.ahead import prewarm
 from packrat.core.decide import (
     Action,
     Answer,
@@ -38,7 +39,6 @@ from packrat.core.decide import (
     SwitchTo,
     decide,
     decide_request,
-    prewarm,
 )
 from packrat.core.plan import ServedPlan
 from packrat.core.standby import shape_of
