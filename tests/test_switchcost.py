@@ -25,8 +25,15 @@ TABLE = {
     2: {1: 6.0, 2: 11.0, 4: 21.0},
     4: {1: 4.0, 2: 7.5, 4: 14.0},
 }
-OPT = Optimizer(Profile(tuple(ProfilePoint(t, b, x) for t, r in TABLE.items()
-                             for b, x in r.items())), 4)
+
+
+def optimizer(table: dict, cores: int) -> Optimizer:
+    """An optimizer of a {threads: {batch: ms}} profile."""
+    return Optimizer(Profile(tuple(ProfilePoint(t, b, x) for t, r in table.items()
+                                   for b, x in r.items())), cores)
+
+
+OPT = optimizer(TABLE, 4)
 CORES = (0, 1, 2, 3)
 
 
@@ -407,8 +414,7 @@ def test_an_overload_takes_the_plan_that_keeps_up_where_the_plan_for_b_would_not
     # serves 547 requests/s; 2x<t=1,b=8>, a plan for a smaller B, 685/s
     table = {1: {1: 4.2, 2: 7.4, 4: 13.8, 8: 23.4, 16: 56.8, 32: 117.0},
              2: {1: 3.6, 2: 6.0, 4: 11.0, 8: 21.0, 16: 45.0, 32: 95.0}}
-    opt = Optimizer(Profile(tuple(ProfilePoint(t, b, x) for t, r in table.items()
-                                  for b, x in r.items())), 2)
+    opt = optimizer(table, 2)
     cores = (0, 1)
     live = plan_for_batch(opt, "m", "1", 64, cores)
     assert live.describe() == "2x<t=1,b=32>" and capacity_rps(opt, live) == pytest.approx(547, abs=1)
@@ -446,8 +452,7 @@ def test_an_overload_takes_no_cold_plan_of_little_more_capacity_than_the_live_on
     # and p99 reached 24 s); the plan for B = 12, 2x<t=1,b=6>, less than the live one
     table = {1: {1: 119.2, 2: 248.8, 4: 484.3, 8: 885.7, 16: 2300.0, 32: 5700.0},
              2: {1: 66.4, 2: 140.0, 4: 270.0, 8: 565.7, 16: 1500.0, 32: 3600.0}}
-    opt = Optimizer(Profile(tuple(ProfilePoint(t, b, x) for t, r in table.items()
-                                  for b, x in r.items())), 2)
+    opt = optimizer(table, 2)
     cores = (0, 1)
     live = plan_for_batch(opt, "m", "1", 1, cores)
     assert live.describe() == "1x<t=2,b=1>"
