@@ -409,6 +409,14 @@ def test_a_passing_queue_the_live_plan_keeps_up_with_does_not_force_a_cold_switc
     assert isinstance(switch, SwitchTo) and not switch.warm and "several rounds" in switch.why
 
 
+def overloaded(opt: Optimizer, live, batch: int, rate: float) -> ModelView:
+    """A 2-core model under automatic control: B (and Little's L) at `batch`, `rate`
+    requests/s arriving (also the peak), settled at that level."""
+    return ModelView("m", opt, (0, 1), live, True, batch, False, 0.0, 2,
+                     levels=LevelHistory(batch, 999.0, (20.0,) * 5), load=float(batch),
+                     rate=rate, peak_rate=rate)
+
+
 def test_an_overload_takes_the_plan_that_keeps_up_where_the_plan_for_b_would_not():
     # small-cnn's calibrated profile on 2 cores: the plan for the largest B, 2x<t=1,b=32>,
     # serves 547 requests/s; 2x<t=1,b=8>, a plan for a smaller B, 685/s
@@ -418,9 +426,7 @@ def test_an_overload_takes_the_plan_that_keeps_up_where_the_plan_for_b_would_not
     cores = (0, 1)
     live = plan_for_batch(opt, "m", "1", 64, cores)
     assert live.describe() == "2x<t=1,b=32>" and capacity_rps(opt, live) == pytest.approx(547, abs=1)
-    levels = LevelHistory(300, 999.0, (20.0,) * 5)
-    over = ModelView("m", opt, cores, live, True, 300, False, 0.0, 2, levels=levels,
-                     load=300.0, rate=560.0, peak_rate=560.0)
+    over = overloaded(opt, live, 300, 560.0)
     (action,) = decide([over], 1000.0, PolicyParams(), 10.0)
     assert isinstance(action, SwitchTo) and not action.warm
     assert action.plan.describe() == "2x<t=1,b=8>" and action.plan.for_batch == 300
@@ -458,7 +464,5 @@ def test_an_overload_takes_no_cold_plan_of_little_more_capacity_than_the_live_on
     assert live.describe() == "1x<t=2,b=1>"
     assert capacity_rps(opt, plan_for_batch(opt, "m", "2", 2, cores)) < 1.15 * capacity_rps(
         opt, live)
-    levels = LevelHistory(12, 999.0, (20.0,) * 5)
-    over = ModelView("m", opt, cores, live, True, 12, False, 0.0, 2, levels=levels,
-                     load=12.0, rate=14.5, peak_rate=14.5)
+    over = overloaded(opt, live, 12, 14.5)
     assert not any(isinstance(a, SwitchTo) for a in decide([over], 1000.0, PolicyParams(), 10.0))

@@ -71,7 +71,7 @@ def prewarm(m: ModelView, now: float) -> SwitchTo | None:
         if not 1 <= batch <= m.optimizer.max_servable:
             continue
         try:
-            plan = plan_for_batch(m.optimizer, m.name, str(m.next_version), batch, m.cores)
+            plan = plan_for_batch(m.optimizer, m.name, version, batch, m.cores)
         except PlanError:
             continue
         candidates.append((plan, f"the plan for B={batch}"))
