@@ -291,6 +291,12 @@ def test_prewarm_loads_the_plans_of_most_capacity_first_then_the_neighbours():
     # busy (over half the live plan's capacity in use) or not settled: nothing
     assert prewarm(view(**{**calm.__dict__, "load": 0.8}), 1000.0) is None
     assert prewarm(calm, 905.0) is None
+    # where the arrival rate is known it decides, not Little's L (which counts the time in
+    # the frontend too): 1x<t=4,b=1> serves 250/s; 100/s leave headroom, 130/s do not
+    assert capacity_rps(OPT, live) == pytest.approx(250.0)
+    for rate, loads in ((100.0, True), (130.0, False)):
+        assert (prewarm(view(**{**calm.__dict__, "load": 0.8, "rate": rate}), 1000.0)
+                is not None) == loads
 
 
 def test_a_plan_that_cannot_keep_up_with_the_arrivals_is_not_taken():

@@ -55,7 +55,12 @@ def prewarm(m: ModelView, now: float) -> SwitchTo | None:
     if not m.auto:
         return None
     settled = m.levels.since is not None and now - m.levels.since >= PREWARM_SETTLED_S
-    if wake is not None or not settled or load > PREWARM_UTILIZATION * held:
+    # (headroom by the arrival rate where it is known: Little's L counts the frontend's
+    # time too, and read 0.5-0.65 of one instance at 95 requests/s while the cores were
+    # 40% busy, which blocked every load ahead of need on small-cnn)
+    busy = (load > PREWARM_UTILIZATION * held if m.rate is None
+            else m.rate > PREWARM_UTILIZATION * capacity_rps(m.optimizer, m.plan))
+    if wake is not None or not settled or busy:
         # (a model that would give cores up loads nothing else on them: a long load would
         # hold up the woken model's cores)
         return None
