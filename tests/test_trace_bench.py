@@ -1,6 +1,7 @@
 """`packrat bench --trace`: the pure parts (the B of a rate, the scaling to 80% of the best
-plan's throughput, the plans held, switch records, the JSON and the table), its CLI errors,
-the plot from fake results, and one end-to-end run on small-cnn (real TorchServe)."""
+plan's throughput, the plans held, switch records, the JSON and the table), the standby
+memory watch, its CLI errors, the plot from fake results, and one end-to-end run on small-cnn
+(real TorchServe)."""
 
 import importlib.util
 import json
@@ -16,6 +17,7 @@ from packrat.bench.trace import (
     PEAK_FRACTION,
     ConfigResult,
     HeldPlan,
+    StandbyMemory,
     SwitchRecord,
     TraceResult,
     baseline_plan,
@@ -30,12 +32,14 @@ from packrat.bench.trace import (
     ts_config_text,
     warmup_seconds,
 )
+from packrat.bench.trace_serve import StandbyWatch
 from packrat.cli import build_parser
 from packrat.cli.bench import render_trace
 from packrat.core.optimizer import Optimizer
 from packrat.core.profile import Profile, ProfilePoint
 from packrat.core.trace import Step, Trace, arrivals
 from packrat.errors import PackratError
+from packrat.measure.memory import pss_mb
 from packrat.measure.openloop import OpenLoopResult, Outcome, RequestRecord
 from packrat.serving.rundir import RunDir
 from packrat.torchserve import Ports, server_processes
@@ -139,8 +143,10 @@ def _fake_result() -> TraceResult:
     configs = {
         "baseline": ConfigResult("baseline", HeldPlan(Config(2, 1, 8), 30.0), load, (), 20.0),
         "static": ConfigResult("static", HeldPlan(Config(1, 2, 2), 16.0), load, ()),
-        "packrat-cold": ConfigResult("packrat-cold", None, load, sw[:1], foreign_cores=0.5),
-        "packrat-warm": ConfigResult("packrat-warm", None, load, sw),
+        "packrat-cold": ConfigResult("packrat-cold", None, load, sw[:1], foreign_cores=0.5,
+                                     standby=StandbyMemory(0.0, 0.0, 9)),
+        "packrat-warm": ConfigResult("packrat-warm", None, load, sw,
+                                     standby=StandbyMemory(6000.0, 812.34, 8)),
     }
     return TraceResult("small-cnn", trace, 1, 40.0, "2 x the baseline's p50", configs)
 
@@ -154,7 +160,8 @@ def test_json_shape():
     keys = {"plan", "requests", "failed", "unanswered", "dropped", "mean_ms", "p50_ms", "p99_ms",
             "slo_ms", "slo_attainment", "switches"}
     for name, c in out["configurations"].items():
-        assert c.keys() == keys | ({"load_changes"} if name.startswith("packrat") else set())
+        assert c.keys() == keys | ({"load_changes", "standby_memory"} if name.startswith("packrat")
+                                   else set())
         assert (c["requests"], c["failed"], c["unanswered"], c["dropped"]) == (4, 0, 0, 0)
         assert c["mean_ms"] == 115.0 and c["p50_ms"] == 25.0 and c["slo_ms"] == 40.0
         assert c["slo_attainment"] == 0.75
@@ -166,6 +173,10 @@ def test_json_shape():
         "to": {"instances": [{"threads": 2, "batch": 1}]}}
     assert out["configurations"]["packrat-warm"]["load_changes"] == [
         {"at_s": 4.0, "rps_from": 5.0, "rps_to": 20.0, "serving_after_s": 1.7}]
+    assert out["configurations"]["packrat-warm"]["standby_memory"] == {
+        "budget_mb": 6000.0, "max_mb": 812.3, "samples": 8, "honoured": True}
+    assert StandbyMemory(100.0, 100.5, 3).honoured is False
+    assert StandbyMemory(100.0, None, 0).to_json()["honoured"] is None
 
 
 def test_load_change_to_new_plan_serving():
@@ -192,6 +203,34 @@ def test_table():
     assert rows["packrat-warm"].endswith(
         "2 (median 1.0 s, 1 warm); load change to new plan median 1.7 s (1 of 1 changes)")
     assert "disturbed" in lines[-1] and "packrat-cold" in lines[-1]
+    assert lines[-2] == ("standby memory at most (PSS, sampled while no switch ran): "
+                         "packrat-cold 0 of 0 MB (9 samples); packrat-warm 812 of 6,000 MB "
+                         "(8 samples)")
+
+
+class _Status:
+    def __init__(self, version, switching=None):
+        self.version, self.switching = version, switching
+
+
+def test_standby_watch_sums_the_versions_but_the_default_and_skips_switches(tmp_path):
+    run = RunDir(tmp_path / "run").create()
+    for version in ("1", "2", "3"):  # this process stands in for each version's worker
+        slots = run.slot_dir("m", version)
+        slots.mkdir(parents=True)
+        (slots / "0.lock").write_text(str(os.getpid()))
+    (run.model_store / "m-v4").mkdir()  # a version with no live worker: 0 MB
+    answers = []
+    watch = StandbyWatch(run, "m", 100.0, lambda: answers.pop(0))
+    one = pss_mb([os.getpid()])
+    answers[:] = [_Status("1"), _Status("1")]
+    assert one > 0 and watch.sample() == pytest.approx(2 * one, rel=0.1)  # versions 2 and 3
+    answers[:] = [_Status("1", switching="to 2x<t=1,b=1> (version 3): draining")]
+    assert watch.sample() is None
+    answers[:] = [_Status("1"), _Status("3")]  # a switch came and went during the look
+    assert watch.sample() is None
+    answers[:] = [None]
+    assert watch.sample() is None
 
 
 @require(HAS_MATPLOTLIB, "matplotlib (the plot extra)")
@@ -303,6 +342,10 @@ def test_trace_bench_small_cnn(tmp_path):
     assert configs["static"]["plan"]["instances"]
     assert configs["packrat-cold"]["plan"] is None and configs["packrat-warm"]["plan"] is None
     assert not any(s["warm"] for s in configs["packrat-cold"]["switches"])
+    # the standby budget held whenever it was sampled; cold keeps no old version
+    cold, warm = (configs[k]["standby_memory"] for k in ("packrat-cold", "packrat-warm"))
+    assert cold["budget_mb"] == 0 and cold["max_mb"] in (None, 0), cold
+    assert warm["budget_mb"] > 0 and warm["honoured"] is not False, warm
     assert (tmp_path / "trace.png").stat().st_size > 10_000
     for name in CONFIGURATIONS:  # every serve and its TorchServe stopped
         assert server_processes(RunDir(out / "runs" / name).torchserve) == []

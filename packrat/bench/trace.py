@@ -196,6 +196,25 @@ def reactions(trace: Trace, switches: tuple[SwitchRecord, ...]) -> tuple[Reactio
 
 
 @dataclass(frozen=True)
+class StandbyMemory:
+    """The standby budget against what was in it: the PSS of every version of the model but
+    the default (standby versions, and one loading ahead of need), sampled while no switch
+    was under way (a switch's versions are the switch's, not standby)."""
+
+    budget_mb: float
+    max_mb: float | None             # None: no sample
+    samples: int
+
+    @property
+    def honoured(self) -> bool | None:
+        return None if self.max_mb is None else self.max_mb <= self.budget_mb
+
+    def to_json(self) -> dict:
+        return {"budget_mb": _r(self.budget_mb, 1), "max_mb": _r(self.max_mb, 1),
+                "samples": self.samples, "honoured": self.honoured}
+
+
+@dataclass(frozen=True)
 class ConfigResult:
     name: str
     plan: HeldPlan | None            # None: Packrat chooses
@@ -203,11 +222,14 @@ class ConfigResult:
     switches: tuple[SwitchRecord, ...]
     warmup_p50_ms: float | None = None  # over the warm-up, at the trace's mean rate
     foreign_cores: float = 0.0       # CPU other processes used meanwhile (not in the JSON)
+    standby: StandbyMemory | None = None  # sampled over the trace (automatic plans only)
 
     def to_json(self, slo_ms: float, trace: Trace | None = None) -> dict:
         r = self.load
         changes = {} if trace is None or self.plan is not None else {
             "load_changes": [x.to_json() for x in reactions(trace, self.switches)]}
+        if self.standby is not None:
+            changes["standby_memory"] = self.standby.to_json()
         return {"plan": None if self.plan is None else self.plan.to_json(),
                 "requests": r.count, "failed": r.failed, "unanswered": r.unanswered,
                 "dropped": r.dropped, "mean_ms": _r(r.mean_ms()), "p50_ms": _r(r.p50_ms()),
@@ -301,11 +323,13 @@ def run_trace_bench(options: TraceOptions, say: Callable[[str], None] = lambda s
                 served.hold(plans[name].config)
             head = served.warm_up(trace.mean_rps, warm_s, warm_s + WARMUP_EXTRA_S,
                                   options.seed + 1)
-            load, since, foreign = served.replay(schedule, trace.duration_s, trace.peak_rps)
+            load, since, foreign, standby = served.replay(schedule, trace.duration_s,
+                                                          trace.peak_rps)
             served.stop()  # before reading its switches: none is logged after this
             switches = read_switches(served.switch_log, options.zoo, since)
         results[name] = ConfigResult(name, plans.get(name), load, switches,
-                                     percentile(head, 50) if head else None, foreign)
+                                     percentile(head, 50) if head else None, foreign,
+                                     None if name in plans else standby)
         tell(f"{name}: {load.summary()}; {len(switches)} switches"
              + (f"; other processes used {foreign:.2f} cores meanwhile: disturbed"
                 if foreign > FOREIGN_LIMIT_CORES else ""))

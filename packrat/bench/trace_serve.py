@@ -25,6 +25,7 @@ from packrat.bench.trace import (
     SERVE_START_S,
     SETTLE_S,
     TIMEOUT_S,
+    StandbyMemory,
     TraceOptions,
     ts_config_text,
 )
@@ -35,6 +36,7 @@ from packrat.measure.foreign import (
     ForeignCpu,
     wait_quiet,
 )
+from packrat.measure.memory import default_standby_memory_mb, pss_mb
 from packrat.measure.openloop import OpenLoop, OpenLoopResult
 from packrat.serving.rundir import RunDir, controller_pid
 
@@ -168,6 +170,8 @@ class Served(Started):
         self.home = ready.out / "runs" / name  # run directory, or its logs if that was too long
         self.run, self.temp = _fresh_run_dir(self.home)
         self.log = ready.out / "runs" / f"{name}.serve.log"
+        # (only packrat-warm keeps old versions; the others delete them)
+        self.standby_mb = default_standby_memory_mb() if name == "packrat-warm" else 0
 
     # -- start and stop
 
@@ -215,8 +219,7 @@ class Served(Started):
                 "--ts-config", str(conf)]
         if not o.calibrate:
             argv.append("--no-calibrate")
-        if self.name != "packrat-warm":  # the others delete old versions (default budget: keep)
-            argv += ["--standby-memory", "0"]
+        argv += ["--standby-memory", str(self.standby_mb)]
         self.tell(f"{self.name}: starting packrat serve on {self.run.path}")
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
@@ -298,15 +301,20 @@ class Served(Started):
         return got.latencies_ms()
 
     def replay(self, schedule: Sequence[float], duration_s: float, peak_rps: float
-               ) -> tuple[OpenLoopResult, float, float]:
+               ) -> tuple[OpenLoopResult, float, float, StandbyMemory]:
         """(the open loop's result, the wall-clock time it started, the cores other processes
-        used meanwhile)."""
+        used meanwhile, the standby memory sampled meanwhile)."""
         watch = self._watch()
         watch.start()
+        memory = StandbyWatch(self.run, self.ready.zoo, self.standby_mb, self._status)
+        memory.start()
         since = time.time()
-        got = self._drive(schedule, peak_rps, lambda t, n: False,
-                          lambda t: f"{max(0.0, duration_s - t):.0f} s of the trace left")
-        return got, since, watch.cores()
+        try:
+            got = self._drive(schedule, peak_rps, lambda t, n: False,
+                              lambda t: f"{max(0.0, duration_s - t):.0f} s of the trace left")
+        finally:
+            standby = memory.stop()
+        return got, since, watch.cores(), standby
 
     def _drive(self, schedule: Sequence[float], peak_rps: float,
                enough: Callable[[float, int], bool], what: Callable[[float], str]
@@ -378,6 +386,49 @@ class Served(Started):
         held = len(m.workers) * m.workers[0].batch
         batch_s = ((m.latency_ms or 0.0) + self.options.max_batch_delay_ms) / 1000.0
         return in_flight <= held + rate * DRAINED_BATCHES * batch_s
+
+
+class StandbyWatch:
+    """Every SAMPLE_S on a thread: the PSS of the workers of every version of model but the
+    default (what the standby budget holds: standby versions and one loading ahead of need),
+    kept only where no switch was under way before and after the look (a switch's versions,
+    the one it starts and the one it drains, are not yet or no longer standby)."""
+
+    SAMPLE_S = 1.0
+
+    def __init__(self, run: RunDir, model: str, budget_mb: float,
+                 status: Callable[[], object]) -> None:
+        self.run, self.model, self.budget_mb, self.status = run, model, budget_mb, status
+        self.seen: list[float] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name=f"standby-{model}")
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> StandbyMemory:
+        self.done.set()
+        self.thread.join()
+        return StandbyMemory(self.budget_mb, max(self.seen, default=None), len(self.seen))
+
+    def _run(self) -> None:
+        while not self.done.wait(self.SAMPLE_S):
+            mb = self.sample()
+            if mb is not None:
+                self.seen.append(mb)
+
+    def sample(self) -> float | None:
+        before = self.status()
+        if before is None or before.switching or before.version is None:
+            return None
+        prefix = f"{self.model}-v"
+        others = [d.name[len(prefix):] for d in self.run.model_store.glob(f"{prefix}*")
+                  if d.name[len(prefix):].isdigit() and d.name[len(prefix):] != before.version]
+        mb = pss_mb(pid for v in others for pid in self.run.slot_pids(self.model, v).values())
+        after = self.status()
+        if after is None or after.switching or after.version != before.version:
+            return None
+        return mb
 
 
 def _fresh_run_dir(path: Path) -> tuple[RunDir, Path | None]:

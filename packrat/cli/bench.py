@@ -205,6 +205,12 @@ def render_trace(result) -> str:
         plan = c.plan.config.describe() if c.plan else "auto"
         lines.append(f"{name:<14}{plan:<15}{_ms(j['mean_ms']):>9}{_ms(j['p50_ms']):>9}"
                      f"{_ms(j['p99_ms']):>9}{j['slo_attainment']:>9.1%}  {lost:<19}{switches}")
+    memory = [f"{name} {_mb(c.standby.max_mb)} of {c.standby.budget_mb:,.0f} MB "
+              f"({c.standby.samples} samples)" for name, c in result.configurations.items()
+              if c.standby is not None]
+    if memory:
+        lines.append("standby memory at most (PSS, sampled while no switch ran): "
+                     + "; ".join(memory))
     disturbed = [f"{name} ({c.foreign_cores:.2f} cores)" for name, c in
                  result.configurations.items() if c.foreign_cores > FOREIGN_LIMIT_CORES]
     if disturbed:
@@ -214,3 +220,7 @@ def render_trace(result) -> str:
 
 def _ms(x) -> str:
     return "-" if x is None else f"{x:.1f}"
+
+
+def _mb(x) -> str:
+    return "-" if x is None else f"{x:,.0f}"

@@ -124,7 +124,7 @@ def _pairs(text: str, flag: str, form: str = "NAME=FILE"):
 
 def cmd_serve(args) -> int:
     from packrat.measure.cpus import usable_cores
-    from packrat.measure.memory import total_memory_mb
+    from packrat.measure.memory import default_standby_memory_mb
     from packrat.serving.controller import ControllerParams
     from packrat.serving.runtime import CoreSplit
     from packrat.serving.daemon import ServeOptions, serve
@@ -165,7 +165,7 @@ def cmd_serve(args) -> int:
         controller=ControllerParams(
             interval_s=args.interval, max_batch_delay_ms=args.max_batch_delay,
             standby_memory_mb=(args.standby_memory if args.standby_memory is not None
-                               else round(0.25 * total_memory_mb())),
+                               else default_standby_memory_mb()),
             core_split=CoreSplit(args.core_split)),
         ts_config=ts_config, attach=attach, envelope=args.envelope,
     )

@@ -30,3 +30,8 @@ def total_memory_mb() -> float:
     import psutil
 
     return psutil.virtual_memory().total / (1024.0 * 1024.0)
+
+
+def default_standby_memory_mb() -> int:
+    """`--standby-memory`'s default: a quarter of the machine's memory."""
+    return round(0.25 * total_memory_mb())
