@@ -422,8 +422,8 @@ class StandbyWatch:
         if before is None or before.switching or before.version is None:
             return None
         prefix = f"{self.model}-v"
-        others = [d.name[len(prefix):] for d in self.run.model_store.glob(f"{prefix}*")
-                  if d.name[len(prefix):].isdigit() and d.name[len(prefix):] != before.version]
+        versions = (d.name[len(prefix):] for d in self.run.model_store.glob(f"{prefix}*"))
+        others = [v for v in versions if v.isdigit() and v != before.version]
         mb = pss_mb(pid for v in others for pid in self.run.slot_pids(self.model, v).values())
         after = self.status()
         if after is None or after.switching or after.version != before.version:
