@@ -75,8 +75,10 @@ def test_controller_follows_load_from_1_to_8_clients(served):
     assert_pinned(one, 1, 2)  # still the plan for B = 1: one client is no reason to switch
     assert one["reconfigurations"] == 0
     load.set_concurrency(8)
+    # (the cost rule waits until B has held long enough to repay a cold switch: on a busy
+    # machine B wavered between 6 and 9 and the switch came only after about 120 s)
     eight = wait_for(lambda: (lambda m: m if len(m["plan"]["instances"]) == 2 else None)(
-        status(run)["models"]["small-cnn"]), timeout=120, what="the controller to switch to 2 instances")
+        status(run)["models"]["small-cnn"]), timeout=300, what="the controller to switch to 2 instances")
     # B is what TorchServe holds at once: 7 or 8 with an idle machine; less when the clients,
     # which run on the same 2 cores, are starved. The plan for B >= 2 is two workers, and the
     # profile makes the switch pay at every such B but 3 and 5 (tests/serving.py).
